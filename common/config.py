@@ -1,0 +1,95 @@
+"""The hyper-parameters and architecture sizes every implementation shares.
+
+Defaults follow the course manual the project grew from. Every implementation
+reads them from here so that the pairs train the same thing.
+"""
+from dataclasses import dataclass
+
+# Training defaults (Adam, batch 100, 50 epochs).
+LEARNING_RATE = 1e-3
+BATCH_SIZE = 100
+EPOCHS = 50
+SEED = 0
+
+# Adam's constants. torch's eps default is 1e-8, Keras's is 1e-7 and TF1's
+# AdamOptimizer's is 1e-8: the TF implementations pass ADAM_EPS explicitly.
+ADAM_BETA1 = 0.9
+ADAM_BETA2 = 0.999
+ADAM_EPS = 1e-8
+
+# Batch norm in torch's convention: eps 1e-5 and momentum 0.1 weighting the *new*
+# batch statistic. Keras's defaults are eps 1e-3 and momentum 0.99 weighting the
+# *old* moving value, so the TF side uses eps=BN_EPS, momentum=1 - BN_MOMENTUM.
+BN_EPS = 1e-5
+BN_MOMENTUM = 0.1
+
+# MLP regression: in -> 100 -> 100 -> 1 with ReLU.
+MLP_HIDDEN = (100, 100)
+
+# CNN classification: three blocks of (conv 3x3 'same', batch norm, ReLU,
+# 2x2 max pool), then fc 100, ReLU, dropout, fc 100, ReLU, fc classes.
+CNN_FILTERS = (32, 32, 32)
+CNN_KERNEL = 3
+CNN_POOL = 2
+CNN_FC = (100, 100)
+DROPOUT = 0.5
+
+
+@dataclass(frozen=True)
+class CNNShape:
+    """Sizes of the CNN for one input shape (height, width, channels)."""
+
+    input_shape: tuple
+    num_classes: int
+
+    @property
+    def in_channels(self):
+        return self.input_shape[2]
+
+    def spatial_after_block(self, block):
+        """(height, width) after `block` conv blocks (1-based); 'same' conv, floor pool."""
+        h, w = self.input_shape[0], self.input_shape[1]
+        for _ in range(block):
+            h, w = h // CNN_POOL, w // CNN_POOL
+        return h, w
+
+    @property
+    def flatten_chw(self):
+        """(C, H, W) of the feature map that is flattened before fc1."""
+        h, w = self.spatial_after_block(len(CNN_FILTERS))
+        if h < 1 or w < 1:
+            raise ValueError(f"input {self.input_shape} is too small for {len(CNN_FILTERS)} pooling blocks")
+        return CNN_FILTERS[-1], h, w
+
+    @property
+    def flatten_features(self):
+        c, h, w = self.flatten_chw
+        return c * h * w
+
+
+def cnn_parameter_shapes(input_shape, num_classes):
+    """Shared-format tensor names and shapes (torch's state_dict, no num_batches_tracked)."""
+    shape = CNNShape(tuple(input_shape), num_classes)
+    shapes = {}
+    in_ch = shape.in_channels
+    for i, out_ch in enumerate(CNN_FILTERS, start=1):
+        shapes[f"conv{i}.weight"] = (out_ch, in_ch, CNN_KERNEL, CNN_KERNEL)
+        shapes[f"conv{i}.bias"] = (out_ch,)
+        for p in ("weight", "bias", "running_mean", "running_var"):
+            shapes[f"bn{i}.{p}"] = (out_ch,)
+        in_ch = out_ch
+    sizes = [shape.flatten_features, *CNN_FC, num_classes]
+    for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:]), start=1):
+        shapes[f"fc{i}.weight"] = (n_out, n_in)
+        shapes[f"fc{i}.bias"] = (n_out,)
+    return shapes
+
+
+def mlp_parameter_shapes(num_features):
+    """Shared-format tensor names and shapes of the MLP regressor."""
+    sizes = [num_features, *MLP_HIDDEN, 1]
+    shapes = {}
+    for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:]), start=1):
+        shapes[f"fc{i}.weight"] = (n_out, n_in)
+        shapes[f"fc{i}.bias"] = (n_out,)
+    return shapes
