@@ -126,6 +126,19 @@ def _finish_official_test(name, x_train_all, y_train_all, x_test, y_test, seed, 
                    image=True)
 
 
+def from_arrays(name, task, x, y, seed, class_names=None, feature_names=None):
+    """A dataset from your own arrays: images (N, H, W, C) or tabular (N, features).
+
+    Split and normalised exactly like the built-in datasets; NaN or inf refused.
+    """
+    x, y = np.asarray(x), np.asarray(y)
+    if len(x) != len(y):
+        raise DataError(f"dataset {name!r} has {len(x)} samples but {len(y)} targets; "
+                        f"give one target per sample")
+    return _finish(name, task, x, y, split_indices(len(x), seed), f"arrays given for {name!r}",
+                   class_names=class_names, feature_names=feature_names, image=x.ndim == 4)
+
+
 def load_digits(seed):
     from sklearn.datasets import load_digits as sk_digits
     bunch = sk_digits()
@@ -160,7 +173,7 @@ def load_cifar10(data_dir, seed, download=False):
         cifar10.download(data_dir)
     x_train, y_train, x_test, y_test = cifar10.load(data_dir)
     return _finish_official_test("cifar10", x_train, y_train, x_test, y_test, seed,
-                                 CIFAR_VAL_SIZE, f"CIFAR-10 from {data_dir}",
+                                 min(CIFAR_VAL_SIZE, len(x_train) // 10), f"CIFAR-10 from {data_dir}",
                                  cifar10.CLASS_NAMES)
 
 
