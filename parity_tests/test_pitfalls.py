@@ -240,7 +240,8 @@ def test_pitfall_adam_eps_default_1e8_vs_1e7():
     torch_step, keras_step = _adam_steps(config.ADAM_EPS, grad_scale=1e-7)
     assert np.abs(keras_step - torch_step).max() > 0.01 * np.abs(torch_step).max()
     torch_step, keras_step = _adam_steps(config.ADAM_EPS, grad_scale=1e-7, torch_eps_like_keras=True)
-    np.testing.assert_allclose(keras_step, torch_step, rtol=1e-9)
+    # rtol 1e-4, not 1e-9: Keras rounds beta_2 = 0.999 to float32 before 1 - beta_2^t.
+    np.testing.assert_allclose(keras_step, torch_step, rtol=1e-4)
 
 
 # -- the TF1 UPDATE_OPS dependency ------------------------------------------------------------------
