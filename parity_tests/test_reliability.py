@@ -1,0 +1,229 @@
+"""Reliability of all eight entry points: interrupt and resume, determinism,
+non-finite losses, half-written files, and weights files that do not fit.
+
+The interrupt tests send a real signal to a real subprocess once its log shows a
+completed epoch, then ``--resume`` it and compare with an uninterrupted run of
+the same seed: ``predictions.csv`` and the test metrics must be identical.
+"""
+import importlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from common import outputs
+from common.runner import TrainingRun, run_main
+from common.weights import read_weights, save_weights
+
+REPO = Path(__file__).resolve().parents[1]
+RUNNERS = ["torch_impl.run_cnn", "torch_impl.run_nn", "tf2_impl.run_cnn", "tf2_impl.run_cnn_keras",
+           "tf2_impl.run_nn", "tf2_impl.run_nn_keras", "tf1_compat.run_cnn", "tf1_compat.run_nn"]
+# Small data and small batches: epochs long enough for a signal to land inside one.
+SMALL = {"cnn": ["--dataset", "digits", "--batch-size", "20"],
+         "nn": ["--dataset", "diabetes", "--batch-size", "10"]}
+
+
+def _small(module):
+    return SMALL["cnn" if module.endswith("cnn") or module.endswith("cnn_keras") else "nn"]
+
+
+def _main(module, argv):
+    """Run an entry point in-process the way the command line does; returns the exit code."""
+    try:
+        run_main(importlib.import_module(module).main, argv)
+    except SystemExit as exc:
+        return exc.code
+    return 0
+
+
+@pytest.fixture
+def spawn():
+    """Start entry points as subprocesses; any still running at the end are killed."""
+    started = []
+
+    def start(module, argv, log):
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "TF_CPP_MIN_LOG_LEVEL": "2"}
+        proc = subprocess.Popen([sys.executable, "-m", module, *argv], cwd=REPO, env=env,
+                                stdout=log, stderr=subprocess.STDOUT)
+        started.append(proc)
+        return proc
+
+    yield start
+    for proc in started:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def _wait_for(path, text, proc, timeout=240):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.exists() and text in path.read_text(errors="replace"):
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"exited {proc.returncode} before {text!r}:\n{path.read_text()[-2000:]}")
+        time.sleep(0.05)
+    raise AssertionError(f"no {text!r} within {timeout}s")
+
+
+def _test_metrics(run_dir):
+    return json.loads((run_dir / "metrics.json").read_text())["test"]
+
+
+# -- interrupt, resume, determinism ----------------------------------------------------------------
+@pytest.mark.parametrize("module", RUNNERS)
+def test_interrupt_then_resume_equals_uninterrupted(module, tmp_path, spawn):
+    """SIGINT (SIGTERM for the TF2 runners) after epoch 1 -> exit 130/143 with a resume
+    hint; --resume finishes the run with the same predictions as an uninterrupted one."""
+    sig = signal.SIGTERM if module.startswith("tf2") else signal.SIGINT
+    argv = [*_small(module), "--epochs", "4", "--seed", "3", "--deterministic", "--device", "cpu"]
+    with open(tmp_path / "full.log", "w") as log:
+        full = spawn(module, [*argv, "--out", str(tmp_path / "full")], log)
+    with open(tmp_path / "cut.log", "w") as log:
+        cut = spawn(module, [*argv, "--out", str(tmp_path / "cut")], log)
+        _wait_for(tmp_path / "cut" / "run.log", "epoch 1/4:", cut)
+        cut.send_signal(sig)
+        assert cut.wait(timeout=240) == 128 + sig
+    log_text = (tmp_path / "cut.log").read_text()
+    assert f"--resume {tmp_path / 'cut'}" in log_text and "Traceback" not in log_text
+    assert not (tmp_path / "cut" / "predictions.csv").exists()
+    with open(tmp_path / "resume.log", "w") as log:
+        assert spawn(module, ["--resume", str(tmp_path / "cut")], log).wait(timeout=240) == 0
+    assert full.wait(timeout=240) == 0
+    resumed = json.loads((tmp_path / "cut" / "metrics.json").read_text())
+    assert [e["epoch"] for e in resumed["epochs"]] == [1, 2, 3, 4]
+    assert (tmp_path / "cut" / "predictions.csv").read_bytes() == \
+        (tmp_path / "full" / "predictions.csv").read_bytes()
+    assert _test_metrics(tmp_path / "cut") == _test_metrics(tmp_path / "full")
+
+
+@pytest.mark.parametrize("module", RUNNERS)
+def test_deterministic_double_run_bit_identical(module, tmp_path):
+    argv = [*_small(module), "--epochs", "2", "--seed", "5", "--deterministic", "--device", "cpu"]
+    for name in ("a", "b"):
+        assert _main(module, [*argv, "--out", str(tmp_path / name)]) == 0
+    assert _test_metrics(tmp_path / "a") == _test_metrics(tmp_path / "b")
+    assert (tmp_path / "a" / "predictions.csv").read_bytes() == \
+        (tmp_path / "b" / "predictions.csv").read_bytes()
+    a, _ = read_weights(tmp_path / "a" / "weights.safetensors")
+    b, _ = read_weights(tmp_path / "b" / "weights.safetensors")
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+
+
+# -- non-finite losses ---------------------------------------------------------------------------
+@pytest.mark.parametrize("module", RUNNERS)
+def test_nan_from_huge_learning_rate_exits_3(module, tmp_path, capsys):
+    code = _main(module, [*_small(module), "--epochs", "2", "--lr", "1e9", "--device", "cpu",
+                          "--out", str(tmp_path / "run")])
+    assert code == 3
+    err = capsys.readouterr().err
+    assert "loss became" in err and "Lower the learning rate" in err and "Traceback" not in err
+    assert not (tmp_path / "run" / "weights.safetensors").exists()
+
+
+@pytest.mark.parametrize("module", ["torch_impl.run_cnn", "tf2_impl.run_cnn_keras", "tf1_compat.run_nn"])
+def test_nan_injected_in_epoch_2_keeps_the_best_checkpoint(module, tmp_path, monkeypatch):
+    """A loss that turns NaN after a good epoch: exit 3, and the epoch-1 checkpoint
+    (never overwritten) resumes to a normal finish."""
+    real_end_epoch = TrainingRun.end_epoch
+
+    def poisoned(self, epoch, train, val, seconds):
+        if epoch == 2:
+            train = {**train, "loss": float("nan")}
+        return real_end_epoch(self, epoch, train, val, seconds)
+
+    out = tmp_path / "run"
+    monkeypatch.setattr(TrainingRun, "end_epoch", poisoned)
+    assert _main(module, [*_small(module), "--epochs", "3", "--device", "cpu", "--out", str(out)]) == 3
+    state = json.loads((out / "checkpoint" / "state.json").read_text())
+    assert state["best_epoch"] == 1 and len(state["history"]) == 1
+    assert any(p.name.startswith(state["best_checkpoint"]) for p in (out / "checkpoint").iterdir())
+    monkeypatch.setattr(TrainingRun, "end_epoch", real_end_epoch)
+    assert _main(module, ["--resume", str(out)]) == 0
+    assert len(json.loads((out / "metrics.json").read_text())["epochs"]) == 3
+
+
+# -- nothing half-written ------------------------------------------------------------------------
+def test_crash_mid_write_leaves_the_previous_file(tmp_path):
+    """A process killed halfway through writing (os._exit, no clean-up at all) leaves
+    the previous file untouched."""
+    target = tmp_path / "metrics.json"
+    outputs.write_json(target, {"version": 1})
+    code = textwrap.dedent(f"""
+        import os
+        from common.outputs import atomic_path
+        with atomic_path({str(target)!r}) as tmp:
+            with open(tmp, "w") as f:
+                f.write('{{"version": 2, "half')
+                f.flush()
+                os._exit(9)
+    """)
+    assert subprocess.run([sys.executable, "-c", code], cwd=REPO).returncode == 9
+    assert json.loads(target.read_text()) == {"version": 1}
+
+
+def test_failed_write_leaves_previous_weights_and_no_temporary(tmp_path, monkeypatch):
+    path = tmp_path / "weights.safetensors"
+    save_weights(path, {"fc1.weight": np.ones((2, 3))}, {"task": "regression"})
+    before = path.read_bytes()
+
+    def broken_save(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"half a safetensors file")
+        raise OSError("disk full")
+
+    monkeypatch.setattr("safetensors.numpy.save_file", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        save_weights(path, {"fc1.weight": np.zeros((2, 3))}, {"task": "regression"})
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["weights.safetensors"]
+
+
+# -- weights that do not fit -----------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def weights_files(tmp_path_factory):
+    """A good CNN and MLP file (from torch), and broken variants of each."""
+    root = tmp_path_factory.mktemp("weights")
+    files = {}
+    for task, module in (("cnn", "torch_impl.run_cnn"), ("nn", "torch_impl.run_nn")):
+        out = root / task
+        assert _main(module, [*SMALL[task], "--epochs", "1", "--device", "cpu", "--out", str(out)]) == 0
+        good = out / "weights.safetensors"
+        tensors, meta = read_weights(good)
+        files[f"{task}-good"] = good
+        truncated = root / f"{task}-truncated.safetensors"
+        truncated.write_bytes(good.read_bytes()[:len(good.read_bytes()) // 2])
+        files[f"{task}-truncated"] = truncated
+        extra = root / f"{task}-extra.safetensors"
+        save_weights(extra, {**tensors, "fc4.weight": np.zeros((2, 2))}, meta)
+        files[f"{task}-extra"] = extra
+        missing = root / f"{task}-missing.safetensors"
+        save_weights(missing, {k: v for k, v in tensors.items() if k != "fc2.bias"}, meta)
+        files[f"{task}-missing"] = missing
+    return files
+
+
+@pytest.mark.parametrize("module", RUNNERS)
+@pytest.mark.parametrize("case, message", [
+    ("truncated", "is not a readable safetensors file"),
+    ("other-architecture", "it was written for another architecture"),
+    ("extra", "has unexpected tensor 'fc4.weight'"),
+    ("missing", "lacks tensor 'fc2.bias'"),
+])
+def test_weights_that_do_not_fit_exit_2(module, case, message, weights_files, tmp_path, capsys):
+    task = "cnn" if "cnn" in module else "nn"
+    other = "nn" if task == "cnn" else "cnn"
+    path = weights_files[f"{other}-good" if case == "other-architecture" else f"{task}-{case}"]
+    code = _main(module, [*_small(module), "--eval-only", "--weights", str(path), "--device", "cpu",
+                          "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert err.startswith("error: ") and message in err and str(path) in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
