@@ -1,0 +1,15 @@
+"""TF1-style graph code through ``tf.compat.v1``: define the graph, then run it in a Session.
+
+The twin of ``torch_impl`` (PyTorch) and ``tf2_impl`` (TensorFlow 2 / Keras 3),
+with the same module names: ``models`` (graph-building functions and the shared
+weights conversion), ``train`` (``train_one_epoch``, ``evaluate``, ``predict``
+over a Session with ``feed_dict``), ``run_nn`` and ``run_cnn`` (entry points), and
+``session_basics`` (define-and-run next to eager TF2 and PyTorch autograd).
+
+Every graph is built inside its own ``tf.Graph()``, so this package also works in
+a process that runs TF2 eager code; only the ``python -m`` entry points call
+``tf.compat.v1.disable_v2_behavior()``. Importing the package imports ``common``
+first, so the import-order guard is in place before any module here imports
+tensorflow.
+"""
+import common  # noqa: F401  (first: installs the torch/tensorflow import-order guard)

@@ -1,0 +1,75 @@
+"""Train the MLP regressor in PyTorch: ``python -m torch_impl.run_nn``.
+
+Twins: ``tf2_impl/run_nn.py`` and ``tf1_compat/run_nn.py`` (same flags, outputs
+and section order); the CNN sibling is ``torch_impl/run_cnn.py``. Datasets:
+friedman (generated, default), diabetes (bundled), california (``--download``).
+Keeps the epoch with the best validation loss and evaluates the test split with it.
+"""
+import time
+
+import torch
+
+from common import config
+from common.cli import build_parser, parse_args
+from common.datasets import batch_indices, load_dataset
+from common.runner import TrainingRun, run_main
+from common.seed import epoch_seed, seed_everything
+from common.weights import load_weights
+from torch_impl.models import MLPRegressor, export_weights, import_weights
+from torch_impl.train import (evaluate, load_checkpoint, make_deterministic, resolve_device,
+                              save_checkpoint, to_device, train_one_epoch)
+
+MODULE = "torch_impl.run_nn"
+IMPLEMENTATION = "torch"
+
+
+def main(argv=None):
+    parser = build_parser(MODULE, "tabular", "Train the MLP regressor with PyTorch.")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the model (slower start, may be faster per batch)")
+    args = parse_args(parser, argv)
+    device = resolve_device(args.device)
+    seed_everything(args.seed)
+    if args.deterministic:
+        make_deterministic()
+
+    dataset = load_dataset(args.dataset, "tabular", args.data_dir, args.seed, args.download)
+    run = TrainingRun(args, IMPLEMENTATION, dataset, str(device))
+    x_train, x_val, x_test = (to_device(x, device) for x in (dataset.x_train, dataset.x_val, dataset.x_test))
+    # Targets (N,) -> (N, 1), the shape of the model's output (see train.compute_loss).
+    y_train, y_val, y_test = (to_device(y.reshape(-1, 1), device)
+                              for y in (dataset.y_train, dataset.y_val, dataset.y_test))
+
+    model = MLPRegressor(dataset.input_shape[-1]).to(device)
+    if args.weights:
+        tensors, _ = load_weights(args.weights, dataset.task, dataset.input_shape)
+        import_weights(model, tensors)
+    # The compiled module shares its parameters with `model`; state_dicts come from `model`.
+    step_model = torch.compile(model) if args.compile else model
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr,
+                                 betas=(config.ADAM_BETA1, config.ADAM_BETA2), eps=config.ADAM_EPS)
+    if args.resume:
+        load_checkpoint(run.checkpoint_file(run.last_checkpoint), model, optimizer)
+
+    if not args.eval_only:
+        for epoch in run.epochs():
+            torch.manual_seed(epoch_seed(args.seed, epoch))  # no dropout here; kept for parity with run_cnn
+            batches = batch_indices(len(x_train), args.batch_size, args.seed, epoch)
+            start = time.perf_counter()
+            train = train_one_epoch(step_model, optimizer, x_train, y_train, batches, dataset.task,
+                                    after_batch=lambda: run.check_stop(epoch),
+                                    desc=f"epoch {epoch}/{args.epochs}")
+            seconds = time.perf_counter() - start
+            val, _ = evaluate(step_model, x_val, y_val, dataset.task, args.batch_size)
+            is_best = run.end_epoch(epoch, train, val, seconds)
+            last = save_checkpoint(run.checkpoint_path("last", epoch, ".pt"), model, optimizer, epoch)
+            best = save_checkpoint(run.checkpoint_path("best", epoch, ".pt"), model) if is_best else None
+            run.save_state(last, best)
+        load_checkpoint(run.checkpoint_file(run.best_checkpoint), model)
+
+    test, predictions = evaluate(step_model, x_test, y_test, dataset.task, args.batch_size)
+    run.finish(test, predictions, export_weights(model))
+
+
+if __name__ == "__main__":
+    run_main(main)
