@@ -50,7 +50,9 @@ def _conv(filters, name):
 
 def _batch_norm(name):
     # Keras's momentum weights the *old* moving value (default 0.99), torch's the new
-    # batch statistic (0.1); Keras's default eps is 1e-3, torch's 1e-5.
+    # batch statistic (0.1); Keras's default eps is 1e-3, torch's 1e-5. Keras 3 also moves
+    # moving_variance towards the biased batch variance where torch uses the unbiased one
+    # (times n/(n-1)): outputs agree, stored variances drift apart slightly in training.
     return layers.BatchNormalization(
         epsilon=config.BN_EPS, momentum=layout.bn_momentum_torch_to_keras(config.BN_MOMENTUM),
         name=name)
@@ -141,8 +143,8 @@ def _cnn_sequential(input_shape, num_classes):
     filters1, filters2, filters3 = config.CNN_FILTERS
     fc1, fc2 = config.CNN_FC
     pool = config.CNN_POOL
-    # A layer object appears once in a Sequential list, so each block has its own ReLU
-    # and pooling layer (they hold no weights); fit/evaluate set `training` for all of them.
+    # Sequential does not take one layer object twice, so each block has its own ReLU and
+    # pooling layer (neither holds weights). fit and evaluate pass `training` to every layer.
     return keras.Sequential([
         keras.Input(shape=tuple(input_shape)),
         _conv(filters1, "conv1"), _batch_norm("bn1"), layers.ReLU(name="relu1"),
