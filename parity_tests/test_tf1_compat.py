@@ -10,6 +10,7 @@ mode survived -- and as subprocesses for the interrupt/resume test (only there d
 """
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -154,7 +155,7 @@ def test_output_shapes_and_layer_shapes(input_shape, classes):
 def test_moving_averages_move_only_through_update_ops(with_update_ops):
     graph, model, train_op, initialize = build(build_cnn_classifier, (8, 8, 1), 10, train=True,
                                                with_update_ops=with_update_ops)
-    x, y = images(16)
+    x, y = images(4)
     conv1 = graph.get_tensor_by_name("conv1/BiasAdd:0")
     with v1.Session(graph=graph) as sess:
         sess.run(initialize)
@@ -174,8 +175,12 @@ def test_moving_averages_move_only_through_update_ops(with_update_ops):
     running_mean, running_var = torch.zeros(32), torch.ones(32)
     F.batch_norm(torch.from_numpy(nhwc_to_nchw(features)), running_mean, running_var,
                  training=True, momentum=0.1, eps=1e-5)
-    np.testing.assert_allclose(mean, running_mean.numpy(), rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(variance, running_var.numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(mean, running_mean.numpy(), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(variance, running_var.numpy(), rtol=1e-4, atol=1e-6)
+    # torch folds the unbiased batch variance (n/(n-1), n = N*H*W = 256) into running_var.
+    unbiased = 0.9 + 0.1 * features.astype(np.float64).var(axis=(0, 1, 2), ddof=1)
+    biased = 0.9 + 0.1 * features.astype(np.float64).var(axis=(0, 1, 2))
+    assert np.all(np.abs(variance - unbiased) < 0.1 * np.abs(biased - unbiased))
 
 
 # -- dropout: a function of the fed seed ---------------------------------------------------
@@ -188,10 +193,10 @@ def test_dropout_masks_depend_on_the_fed_seed_only():
             sess.run(initialize)
             runs.append([sess.run(model.outputs, feed(model, x, training=True, dropout_seed=s))
                          for s in ([7, 0], [7, 0], [7, 1])] + [sess.run(model.outputs, feed(model, x))])
-    for a, b in zip(*runs):
-        np.testing.assert_array_equal(a, b)
+    for a, b in zip(*runs):  # tolerance, not equality: GPU kernels may pick other algorithms
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
     first = runs[0]
-    np.testing.assert_array_equal(first[0], first[1])
+    np.testing.assert_allclose(first[0], first[1], rtol=1e-5, atol=1e-6)
     assert not np.allclose(first[0], first[2])  # another step, another mask
     assert not np.allclose(first[0], first[3])  # inference: no dropout
 
@@ -309,7 +314,8 @@ def test_eval_only_reproduces_the_test_metrics(cnn_run, tmp_path):
     argv = ["--eval-only", "--weights", str(cnn_run / "weights.safetensors"), "--out", str(tmp_path)]
     assert call(run_cnn.main, argv) == 0
     assert metrics(tmp_path)["test"]["accuracy"] == pytest.approx(metrics(cnn_run)["test"]["accuracy"])
-    assert (tmp_path / "predictions.csv").read_text() == (cnn_run / "predictions.csv").read_text()
+    assert metrics(tmp_path)["test"]["loss"] == pytest.approx(metrics(cnn_run)["test"]["loss"], rel=1e-4)
+    assert metrics(tmp_path)["best_epoch"] == 0 and metrics(tmp_path)["epochs"] == []
 
 
 def test_bad_weights_files_exit_2(cnn_run, tmp_path, capsys):
@@ -343,7 +349,7 @@ def test_huge_learning_rate_exits_3(tmp_path, capsys):
 
 # -- interrupt and resume, as a user does it -------------------------------------------------
 def _command(*args):
-    return [sys.executable, "-m", "tf1_compat.run_cnn", "--deterministic", "--epochs", "4", *args]
+    return [sys.executable, "-m", "tf1_compat.run_cnn", "--deterministic", "--epochs", "5", *args]
 
 
 def _env():
@@ -369,9 +375,10 @@ def test_sigint_then_resume_equals_an_uninterrupted_run(tmp_path):
     rest = interrupted.communicate(timeout=120)[0]
     log = (seen + rest).decode(errors="replace")
     assert interrupted.returncode == 130, log[-2000:]
-    assert "SIGINT received during epoch" in log and "Traceback" not in log
+    assert "Traceback" not in log
+    stopped = int(re.search(r"SIGINT received during epoch (\d+)", log).group(1))
     state = json.loads((tmp_path / "cut" / "checkpoint" / "state.json").read_text())
-    assert 1 <= len(state["history"]) < 4  # stopped before the end
+    assert 2 <= stopped <= 5 and len(state["history"]) == stopped - 1  # mid-epoch, usually 2
     resumed = subprocess.run([sys.executable, "-m", "tf1_compat.run_cnn", "--resume",
                               str(tmp_path / "cut")], cwd=ROOT, env=_env(), capture_output=True,
                              text=True, timeout=240)

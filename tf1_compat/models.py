@@ -8,22 +8,27 @@ tensors a runner feeds and fetches (``GraphModel``), in the style of slim's
 ``tf.compat.v1.Session`` runs it.
 
 Call the builders inside ``with tf.Graph().as_default():``; they work with and
-without ``tf.compat.v1.disable_v2_behavior()``.
+without ``tf.compat.v1.disable_v2_behavior()``. The optimizer's ops are added
+afterwards by ``train.adam_train_op``.
 
 Variables come from ``tf.compat.v1.get_variable`` under one variable scope per
 layer, named so that they map one to one onto torch's ``state_dict``:
 
-==========================  ===================  ==================================
-TF1 variable                shape                shared / torch name, shape
-==========================  ===================  ==================================
-``conv1/kernel``            (kh, kw, in, out)    ``conv1.weight`` (out, in, kh, kw)
-``conv1/bias``              (out,)               ``conv1.bias``
-``bn1/gamma``, ``bn1/beta``   (C,)                 ``bn1.weight``, ``bn1.bias``
-``bn1/moving_mean``         (C,)                 ``bn1.running_mean``
-``bn1/moving_variance``     (C,)                 ``bn1.running_var``
-``fc1/kernel``              (in, out)            ``fc1.weight`` (out, in)
-``fc1/bias``                (out,)               ``fc1.bias``
-==========================  ===================  ==================================
+=======================  =================  ====================================
+TF1 variable             TF1 shape          shared (torch) name and shape
+=======================  =================  ====================================
+``conv1/kernel``         (kh, kw, in, out)  ``conv1.weight`` (out, in, kh, kw)
+``conv1/bias``           (out,)             ``conv1.bias`` (out,)
+``bn1/gamma``            (C,)               ``bn1.weight`` (C,)
+``bn1/beta``             (C,)               ``bn1.bias`` (C,)
+``bn1/moving_mean``      (C,)               ``bn1.running_mean`` (C,)
+``bn1/moving_variance``  (C,)               ``bn1.running_var`` (C,)
+``fc1/kernel``           (in, out)          ``fc1.weight`` (out, in)
+``fc1/bias``             (out,)             ``fc1.bias`` (out,)
+=======================  =================  ====================================
+
+The CNN's ``fc1/kernel`` rows are also permuted on the way out and in: NHWC
+flattens in (H, W, C) order, torch in (C, H, W) (``common.layout``).
 """
 from collections import namedtuple
 
@@ -172,8 +177,9 @@ def build_mlp_regressor(num_features):
     predictions = dense(x, 1, f"fc{len(config.MLP_HIDDEN) + 1}")
     with tf.name_scope("loss"):
         loss = tf.compat.v1.losses.mean_squared_error(labels=targets, predictions=predictions)
-    return GraphModel(inputs, targets, training, None, predictions, loss, _variables_since(existing),
-                      None)
+    return GraphModel(inputs=inputs, targets=targets, training=training, dropout_seed=None,
+                      outputs=predictions, loss=loss, variables=_variables_since(existing),
+                      flatten_chw=None)
 
 
 def build_cnn_classifier(input_shape, num_classes):
@@ -208,21 +214,22 @@ def build_cnn_classifier(input_shape, num_classes):
     with tf.name_scope("loss"):
         loss = tf.reduce_mean(
             tf.nn.sparse_softmax_cross_entropy_with_logits(labels=targets, logits=logits))
-    return GraphModel(inputs, targets, training, dropout_seed, logits, loss, _variables_since(existing),
-                      shape.flatten_chw)
+    return GraphModel(inputs=inputs, targets=targets, training=training, dropout_seed=dropout_seed,
+                      outputs=logits, loss=loss, variables=_variables_since(existing),
+                      flatten_chw=shape.flatten_chw)
 
 
 # -- shared weights ------------------------------------------------------------------------
 def _shared_name(tf_name):
     """"conv1/kernel" -> "conv1.weight", "bn1/moving_variance" -> "bn1.running_var"."""
-    layer, param = tf_name.split("/")
+    layer, param = tf_name.split("/")[-2:]  # an enclosing scope, if any, is not part of it
     if param == "kernel":
         return f"{layer}.weight"
     return f"{layer}.{layout.BN_TF_TO_TORCH.get(param, param)}"
 
 
 def _is_flatten_dense(model, tf_name):
-    return model.flatten_chw is not None and tf_name == "fc1/kernel"
+    return model.flatten_chw is not None and _shared_name(tf_name) == "fc1.weight"
 
 
 def export_weights(sess, model):
@@ -246,7 +253,7 @@ def import_weights(sess, model, tensors):
     Re-running each variable's initializer with its initial value fed is how
     ``Variable.load`` assigns: no new ops, so it also works on a finalized graph.
     """
-    feed, initializers = {}, []
+    feed_dict, initializers = {}, []
     for tf_name, variable in model.variables.items():
         value = tensors[_shared_name(tf_name)]
         if _is_flatten_dense(model, tf_name):
@@ -255,6 +262,6 @@ def import_weights(sess, model, tensors):
             value = layout.conv_kernel_torch_to_tf(value)
         elif tf_name.endswith("/kernel"):
             value = layout.dense_torch_to_tf(value)
-        feed[variable.initial_value] = value
+        feed_dict[variable.initial_value] = value
         initializers.append(variable.initializer)
-    sess.run(initializers, feed_dict=feed)
+    sess.run(initializers, feed_dict=feed_dict)

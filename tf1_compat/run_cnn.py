@@ -19,7 +19,8 @@ from common.seed import epoch_seed, seed_everything
 from common.weights import load_weights
 from tf1_compat.models import build_cnn_classifier, export_weights, import_weights
 from tf1_compat.train import (adam_train_op, evaluate, load_checkpoint, make_deterministic,
-                              resolve_device, save_checkpoint, session_config, train_one_epoch)
+                              resolve_device, save_checkpoint, session_config, train_one_epoch,
+                              use_tf1_behavior)
 
 MODULE = "tf1_compat.run_cnn"
 IMPLEMENTATION = "tf1_compat"
@@ -84,7 +85,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    # TF1 semantics for the whole process (graph mode, v1 control flow, reference
-    # variables); only entry points may do this, never code that is imported.
-    tf.compat.v1.disable_v2_behavior()
+    use_tf1_behavior()  # process-wide: only entry points may, never imported code
     run_main(main)

@@ -7,4 +7,7 @@ entry points) and the entry points: ``run_nn`` / ``run_cnn`` (custom loop, Subcl
 and ``run_nn_keras`` / ``run_cnn_keras`` (``model.fit``, Sequential / Functional). Any
 entry point runs any combination with ``--api`` and ``--loop``.
 Twins: ``torch_impl`` (PyTorch) and ``tf1_compat`` (TF1-style graphs).
+Importing the package imports ``common`` first, so the import-order guard is in
+place before any module here imports tensorflow.
 """
+import common  # noqa: F401  (first: installs the torch/tensorflow import-order guard)
