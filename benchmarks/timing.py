@@ -1,0 +1,71 @@
+"""Timing done right: warm up, repeat, take the median, wait for the GPU.
+
+``time_call`` times a function the way ``timeit`` would, plus a ``sync``
+callable that blocks until queued device work has finished: GPU kernels are
+launched asynchronously, so stopping the clock without synchronising measures
+the launch, not the work.
+"""
+import math
+import statistics
+import time
+
+
+def _no_sync():
+    return None
+
+
+def time_call(fn, sync=None, repeats=5, min_repeat_seconds=0.02, budget=None):
+    """Seconds per call of `fn()` (a list, one per repeat) and the last result.
+
+    One warm-up call first (allocations, kernel selection, lazy initialisation),
+    then a calibration call that picks how many calls each repeat makes so a
+    repeat lasts at least `min_repeat_seconds` (timer resolution and Python
+    overhead stay negligible). When one call already takes more than `budget`
+    seconds the calibration is skipped and only three repeats are made, so the
+    slowest size of a sweep costs four calls, not ten.
+    """
+    sync = sync or _no_sync
+    start = time.perf_counter()
+    result = fn()
+    sync()
+    estimate = time.perf_counter() - start
+    slow = budget is not None and estimate > budget
+    if not slow:
+        start = time.perf_counter()
+        result = fn()
+        sync()
+        estimate = time.perf_counter() - start
+    number = max(1, math.ceil(min_repeat_seconds / max(estimate, 1e-9)))
+    if budget is not None and estimate * repeats > 2 * budget:
+        repeats = min(repeats, 3)
+    seconds = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(number):
+            result = fn()
+        sync()
+        seconds.append((time.perf_counter() - start) / number)
+    return seconds, result, number
+
+
+def median(values):
+    return float(statistics.median(values))
+
+
+def spread(values):
+    """(min, max) of the measurements, the honest error bar for a handful of repeats."""
+    return float(min(values)), float(max(values))
+
+
+def timed_epochs(epoch_fn, epochs, before_epoch=None):
+    """Seconds of each `epoch_fn(epoch)` for epochs 1..`epochs`; `before_epoch(epoch)`
+    (reseeding, say) runs outside the clock. The epoch function must return only
+    once the device has finished its work (a ``.item()`` or ``float()`` at its end)."""
+    seconds = []
+    for epoch in range(1, epochs + 1):
+        if before_epoch is not None:
+            before_epoch(epoch)
+        start = time.perf_counter()
+        epoch_fn(epoch)
+        seconds.append(time.perf_counter() - start)
+    return seconds
