@@ -10,6 +10,7 @@ Data lives in memory: each split becomes one tensor, moved to the device once,
 and batches are cut from it with the shared ``common.datasets.batch_indices``
 (drawn on the host, so CPU and GPU runs see the same batches).
 """
+import os
 import pickle
 
 import numpy as np
@@ -19,7 +20,6 @@ from tqdm import tqdm
 
 from common.errors import UserError, WeightsError
 from common.outputs import atomic_path, classification_metrics, regression_metrics
-from common.seed import set_deterministic_environment
 
 
 # -- devices ---------------------------------------------------------------------------
@@ -34,7 +34,9 @@ def resolve_device(name):
 
 def make_deterministic():
     """Bit-identical reruns: deterministic kernels, no autotuning, no TF32 on GPUs."""
-    set_deterministic_environment()  # CUBLAS_WORKSPACE_CONFIG, read at the first cuBLAS call
+    # cuBLAS reads this at its first call. Only torch's variable: common.seed's
+    # set_deterministic_environment would also switch TensorFlow, in processes running both.
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.use_deterministic_algorithms(True)
     torch.backends.cudnn.deterministic = True
     torch.backends.cudnn.benchmark = False
