@@ -12,6 +12,7 @@ the current batch finishes, the epoch is abandoned and the run exits; ``--resume
 restarts that epoch from the last complete one. Batch order and dropout seeds
 are functions of (seed, epoch), so no RNG state is needed to continue exactly.
 """
+import json
 import math
 import signal
 import sys
@@ -34,6 +35,13 @@ def run_main(main, argv=None):
     """Call ``main(argv)`` and exit the way the command line promises."""
     try:
         main(argv)
+        late = StopFlag.active
+        if late is not None and late.requested:
+            # The signal came after the last check (final evaluation, writing outputs):
+            # the outputs are complete, but the shell still learns the run was interrupted.
+            print(f"{signal.Signals(late.signum).name} received while finishing; the outputs "
+                  f"were written completely", file=sys.stderr)
+            sys.exit(128 + late.signum)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(exc.exit_code)
@@ -45,13 +53,19 @@ def run_main(main, argv=None):
     except KeyboardInterrupt:
         print("interrupted before training started; nothing to resume", file=sys.stderr)
         sys.exit(130)
+    finally:
+        if StopFlag.active is not None:
+            StopFlag.active.uninstall()
 
 
 class StopFlag:
     """Set by SIGINT/SIGTERM; training loops look at it after every batch."""
 
+    active = None  # the flag whose handlers are installed, for run_main
+
     def __init__(self):
         self.signum = None
+        self._previous = {}
 
     @property
     def requested(self):
@@ -61,8 +75,20 @@ class StopFlag:
         self.signum = signum
 
     def install(self):
-        signal.signal(signal.SIGINT, self._handle)
-        signal.signal(signal.SIGTERM, self._handle)
+        if StopFlag.active is not None and StopFlag.active is not self:
+            StopFlag.active.uninstall()
+        if StopFlag.active is None:
+            self._previous = {s: signal.signal(s, self._handle)
+                              for s in (signal.SIGINT, signal.SIGTERM)}
+            StopFlag.active = self
+
+    def uninstall(self):
+        """Give the signals back to whoever handled them before (pytest, a caller)."""
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous = {}
+        if StopFlag.active is self:
+            StopFlag.active = None
 
 
 class TrainingRun:
@@ -87,6 +113,7 @@ class TrainingRun:
         self.train_seconds = []
         self.start_time = time.perf_counter()
         self.stop = StopFlag()
+        self.stop.install()  # from the start: a signal during set-up stops at the first batch
         if args.resume:
             self._load_state()
         else:
@@ -103,7 +130,6 @@ class TrainingRun:
         if not path.is_file():
             raise UserError(f"{self.out} has no saved epoch to resume from (no "
                             f"{CHECKPOINTS}/{STATE}); start the run again without --resume")
-        import json
         state = json.loads(path.read_text())
         self.history = state["history"]
         self.best_val_loss = state["best_val_loss"]
@@ -118,7 +144,7 @@ class TrainingRun:
         return len(self.history)
 
     def epochs(self):
-        """The epochs still to train (1-based); installs the signal handlers."""
+        """The epochs still to train (1-based)."""
         self.stop.install()
         return range(self.epochs_done + 1, self.args.epochs + 1)
 
@@ -131,7 +157,8 @@ class TrainingRun:
         if self.stop.requested:
             name = signal.Signals(self.stop.signum).name
             done = f"after epoch {self.epochs_done}" if self.epochs_done else "(no epoch completed yet)"
-            self.log.info(f"{name} received during epoch {epoch}: stopped after the current batch. "
+            where = f"during epoch {epoch}" if epoch else "during the final evaluation"
+            self.log.info(f"{name} received {where}: stopped after the current batch. "
                           f"The last complete epoch is saved {done}; resume with: "
                           f"python -m {self.args.module} --resume {self.out}")
             raise Interrupted(self.stop.signum, epoch)
@@ -188,6 +215,7 @@ class TrainingRun:
 
     def finish(self, test, outputs, weights, extra=None):
         """Write metrics.json, predictions.csv, curves.png and weights.safetensors."""
+        self.check_stop(None)  # a signal during the final evaluation: --resume redoes it
         d = self.dataset
         metrics = {
             "implementation": self.implementation,
