@@ -16,13 +16,14 @@ import numpy as np
 
 from common.datasets import make_synthetic_images
 
+IMAGE_SHAPE = (32, 32, 3)  # CIFAR-10's
 NUM_CLASSES = 10
 FRIEDMAN_FEATURES = 10
 
 
 @dataclass
 class ImageData:
-    images: np.ndarray   # (n, 32, 32, 3) uint8, what a PIL-based pipeline starts from
+    images: np.ndarray   # (n, 32, 32, 3) uint8: what a PIL-based pipeline starts from
     labels: np.ndarray   # (n,) int64
     mean: np.ndarray     # (3,) per-channel mean of images / 255
     std: np.ndarray      # (3,) per-channel std of images / 255
@@ -46,7 +47,7 @@ class TabularData:
 
 
 def image_data(n):
-    images, labels = make_synthetic_images(n, num_classes=NUM_CLASSES)
+    images, labels = make_synthetic_images(n, shape=IMAGE_SHAPE, num_classes=NUM_CLASSES)
     scaled = images.astype(np.float64) / 255.0
     mean = scaled.mean(axis=(0, 1, 2)).astype(np.float32)
     std = scaled.std(axis=(0, 1, 2)).astype(np.float32)

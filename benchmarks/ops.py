@@ -324,6 +324,12 @@ def make_inputs(op, n, seed=0):
             rng.standard_normal((3, 3), dtype=np.float32))
 
 
+def _matvecs(m, v):
+    """m @ v without BLAS: numpy's BLAS threads would keep spinning after the check
+    and slow down the next timed call of another framework."""
+    return np.einsum("ij,jk->ik", m, v, optimize=False)
+
+
 class Checker:
     """The numpy float64 reference for one (op, n), against which a result is checked."""
 
@@ -332,7 +338,7 @@ class Checker:
         if op == "matmul":
             a, b = (x.astype(np.float64) for x in inputs)
             self.vectors = np.random.default_rng(seed).standard_normal((a.shape[1], 3))
-            self.expected = a @ (b @ self.vectors)
+            self.expected = _matvecs(a, _matvecs(b, self.vectors))
         else:
             x, k = (v.astype(np.float64) for v in inputs)
             m = x.shape[0] - k.shape[0] + 1
@@ -344,7 +350,7 @@ class Checker:
         if self.op == "matmul":
             if result.shape != (self.vectors.shape[0],) * 2:
                 return math.inf
-            got = result @ self.vectors
+            got = _matvecs(result, self.vectors)
         else:
             if result.shape != self.expected.shape:
                 return math.inf
@@ -362,8 +368,8 @@ def sizes(op, limit):
         n *= 2
 
 
-def measure(backend, n, inputs, checker, settings):
-    """One row of ops.csv."""
+def measure(backend, n, inputs, settings):
+    """One row of ops.csv: time first, then check the result against numpy."""
     copy_seconds = None
     if backend.device == "cuda":
         copies, prepared, _ = time_call(lambda: backend.prepare(*inputs), backend.sync,
@@ -375,7 +381,7 @@ def measure(backend, n, inputs, checker, settings):
                                         repeats=settings.repeats,
                                         min_repeat_seconds=settings.min_repeat_seconds,
                                         budget=settings.budget)
-    error = checker.relative_error(backend.to_numpy(result))
+    error = Checker(backend.op, inputs).relative_error(backend.to_numpy(result))
     t = median(seconds)
     lo, hi = spread(seconds)
     return {
@@ -405,7 +411,7 @@ def sweep(backends, settings, log):
                     break
             inputs = make_inputs(b.op, n)
             try:
-                row = measure(b, n, inputs, Checker(b.op, inputs), settings)
+                row = measure(b, n, inputs, settings)
             except Exception as exc:  # e.g. out of GPU memory: the sweep of this backend ends
                 text = str(exc).strip().splitlines()
                 stops[b.label + b.op] = f"failed at size {n}: {type(exc).__name__} {text[0] if text else ''}"
@@ -566,7 +572,7 @@ def main(argv=None):
     budget = args.budget or (QUICK_BUDGET if args.quick else DEFAULT_BUDGET)
     settings = Settings(budget=budget, repeats=3 if args.quick else 5,
                         min_repeat_seconds=0.005 if args.quick else 0.02,
-                        pause=0.1 if args.quick else 0.5)
+                        pause=0.25 if args.quick else 0.5)
     out = Path(args.out or Path("runs") / f"benchmarks-ops-{time.strftime('%Y%m%d-%H%M%S')}")
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()

@@ -15,8 +15,10 @@ live in ``benchmarks.baselines``.
 ``benchmarks.training`` starts one process per entry (clean state, and the
 import-order rule: a process imports torch or tensorflow, rarely both), with
 ``CUDA_VISIBLE_DEVICES=""`` for CPU runs so no framework can place work on a
-GPU. The TF1 family calls ``tf.compat.v1.disable_v2_behavior()`` first, as
-``tf1_compat``'s runners do; this module is an entry point, so it may.
+GPU. A TF1 process switches the whole process to TF1 semantics first, as only
+an entry point may: ``tf1_compat.train.use_tf1_behavior()`` for tf1_compat, as
+its runners do (v1 semantics with v2 control flow), plain
+``tf.compat.v1.disable_v2_behavior()`` for the manual's TF1 graph.
 
 The result, written to ``--result`` as JSON: one item per entry with
 ``epoch_seconds`` (warm-up epochs included, first), ``items`` per epoch and
@@ -48,9 +50,9 @@ BATCH_SIZE = config.BATCH_SIZE
 class Entry:
     """One line of the benchmark table."""
 
-    name: str         # the record's `implementation`; see training.NAME_RULES
+    name: str         # the record's `implementation`; see training.NAME_MARKERS
     kind: str         # "baseline", "implementation" or "reference"
-    family: str       # "torch", "tf2" or "tf1": which process can run it
+    family: str       # "torch", "tf2", "tf1" or "tf1_manual": which process can run it
     description: str
 
 
@@ -70,7 +72,7 @@ ENTRIES = {
               "course manual: @tf.function GradientTape step over tf.data, softmax in the model"),
         Entry("manual_keras_tfdata", "reference", "tf2",
               "course manual: Keras model.fit over tf.data, softmax in the model"),
-        Entry("manual_tf_graph_session", "reference", "tf1",
+        Entry("manual_tf_graph_session", "reference", "tf1_manual",
               "course manual: straightforward TF1 graph, feed_dict per batch"),
     ],
 }
@@ -206,12 +208,13 @@ def run_tf2(task, data, device, epochs, loop):
         # callback, is left out of the time there as here).
         compile_model(model, optimizer, kind)
         seconds = []
-        val = slice(0, min(len(x), 10 * BATCH_SIZE))
-        callback = TrainingRunCallback(_FitRun("accuracy" if kind == "classification" else "mse"),
-                                       SEED, lambda epoch, train, val, s: seconds.append(s))
+        callback = TrainingRunCallback(
+            _FitRun("accuracy" if kind == "classification" else "mse"), SEED,
+            lambda epoch, train_metrics, val_metrics, epoch_seconds: seconds.append(epoch_seconds))
+        held_out = slice(0, min(len(x), 10 * BATCH_SIZE))
         model.fit(fit_batches(x, y, BATCH_SIZE, SEED, range(1, epochs + 1)), epochs=epochs,
                   steps_per_epoch=-(-len(x) // BATCH_SIZE), shuffle=False,
-                  validation_data=(x[val], y[val]), validation_batch_size=BATCH_SIZE,
+                  validation_data=(x[held_out], y[held_out]), validation_batch_size=BATCH_SIZE,
                   callbacks=[keras.callbacks.ProgbarLogger(), callback])
         return seconds
 
@@ -263,7 +266,7 @@ def matmul_peaks(frameworks, device, quick):
         best = 0.0
         for n in sizes:
             inputs = ops.make_inputs("matmul", n)
-            row = ops.measure(backend, n, inputs, ops.Checker("matmul", inputs), settings)
+            row = ops.measure(backend, n, inputs, settings)
             if row["correct"]:
                 best = max(best, row["gflops"])
             if row["seconds"] > settings.budget:
@@ -294,8 +297,11 @@ def main(argv=None):
     if len(families) != 1:
         raise SystemExit(f"one process runs one family of entries, got {sorted(families)}")
     if families == {"tf1"}:
+        from tf1_compat.train import use_tf1_behavior
+        use_tf1_behavior()  # what tf1_compat's entry points do first
+    elif families == {"tf1_manual"}:
         import tensorflow as tf
-        tf.compat.v1.disable_v2_behavior()  # TF1 semantics, as tf1_compat's runners run
+        tf.compat.v1.disable_v2_behavior()  # TF1 semantics as the manual's TF1 code had them
     datasets = {}
     results = []
     for task, name in jobs:
