@@ -232,19 +232,24 @@ def _is_flatten_dense(model, tf_name):
     return model.flatten_chw is not None and _shared_name(tf_name) == "fc1.weight"
 
 
+def _convert(model, tf_name, value, to_torch):
+    """One variable's value between TF layout and the shared (torch) layout."""
+    if _is_flatten_dense(model, tf_name):
+        convert = layout.flatten_dense_tf_to_torch if to_torch else layout.flatten_dense_torch_to_tf
+        return convert(value, model.flatten_chw)
+    if tf_name.endswith("/kernel") and np.ndim(value) == 4:
+        return (layout.conv_kernel_tf_to_torch if to_torch else layout.conv_kernel_torch_to_tf)(value)
+    if tf_name.endswith("/kernel"):
+        return (layout.dense_tf_to_torch if to_torch else layout.dense_torch_to_tf)(value)
+    return value  # biases and batch-norm vectors keep their layout
+
+
 def export_weights(sess, model):
     """The model's variables as shared-format arrays (torch names and layouts)."""
     values = sess.run(model.variables)
-    tensors = {}
-    for tf_name, value in values.items():
-        if _is_flatten_dense(model, tf_name):
-            value = layout.flatten_dense_tf_to_torch(value, model.flatten_chw)
-        elif tf_name.endswith("/kernel") and value.ndim == 4:
-            value = layout.conv_kernel_tf_to_torch(value)
-        elif tf_name.endswith("/kernel"):
-            value = layout.dense_tf_to_torch(value)
-        tensors[_shared_name(tf_name)] = np.asarray(value, dtype=np.float32)
-    return tensors
+    return {_shared_name(tf_name): np.asarray(_convert(model, tf_name, value, to_torch=True),
+                                              dtype=np.float32)
+            for tf_name, value in values.items()}
 
 
 def import_weights(sess, model, tensors):
@@ -255,13 +260,7 @@ def import_weights(sess, model, tensors):
     """
     feed_dict, initializers = {}, []
     for tf_name, variable in model.variables.items():
-        value = tensors[_shared_name(tf_name)]
-        if _is_flatten_dense(model, tf_name):
-            value = layout.flatten_dense_torch_to_tf(value, model.flatten_chw)
-        elif tf_name.endswith("/kernel") and value.ndim == 4:
-            value = layout.conv_kernel_torch_to_tf(value)
-        elif tf_name.endswith("/kernel"):
-            value = layout.dense_torch_to_tf(value)
+        value = _convert(model, tf_name, tensors[_shared_name(tf_name)], to_torch=False)
         feed_dict[variable.initial_value] = value
         initializers.append(variable.initializer)
     sess.run(initializers, feed_dict=feed_dict)
