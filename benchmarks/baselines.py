@@ -10,8 +10,10 @@ not be made slower -- nor faster -- than that.
   ``CIFAR10``, turns one uint8 array into a PIL image per sample and applies
   ``transforms.Compose([ToTensor(), Normalize(mean, std)])``; a ``DataLoader``
   with batch 100, ``shuffle=True`` and the default ``num_workers=0``; the
-  shared CNN from ``torch_impl.models``; ``nn.CrossEntropyLoss``, ``optim.Adam``
-  and ``running_loss += loss.item()`` after every batch.
+  shared CNN's layers with the manual's conv -> batch norm -> ReLU -> pool
+  order (``ManualCNN``; the shipped model pools first, the same function);
+  ``nn.CrossEntropyLoss``, ``optim.Adam`` and ``running_loss += loss.item()``
+  after every batch.
 * ``manual_torch_mlp`` -- the MLP baseline: ``DataLoader(TensorDataset(x, y))``,
   batch 100, shuffled, the shared ``MLPRegressor``, ``nn.MSELoss``.
 * ``manual_tf2_loop`` and ``manual_keras_tfdata`` -- the manual's TF2 versions:
@@ -58,14 +60,30 @@ def _torch_loop(model, loader, criterion, device, epochs):
     return timed_epochs(epoch_fn, epochs)
 
 
+def _manual_cnn_class():
+    import torch.nn.functional as F
+
+    from torch_impl.models import CNNClassifier
+
+    class ManualCNN(CNNClassifier):
+        """The shared CNN with the manual's block order, ReLU before the pooling."""
+
+        def forward(self, x):
+            x = self.pool(F.relu(self.bn1(self.conv1(x))))
+            x = self.pool(F.relu(self.bn2(self.conv2(x))))
+            x = self.pool(F.relu(self.bn3(self.conv3(x))))
+            x = self.dropout(F.relu(self.fc1(self.flatten(x))))
+            return self.fc3(F.relu(self.fc2(x)))
+
+    return ManualCNN
+
+
 def manual_torch_cnn(data, device, epochs):
     import torch
     from PIL import Image
     from torch import nn
     from torch.utils.data import DataLoader, Dataset
     from torchvision import transforms
-
-    from torch_impl.models import CNNClassifier
 
     class PILImages(Dataset):
         """What torchvision.datasets.CIFAR10 does per item: uint8 HWC -> PIL -> transform."""
@@ -88,7 +106,7 @@ def manual_torch_cnn(data, device, epochs):
     loader = DataLoader(PILImages(data.images, data.labels, transform),
                         batch_size=BATCH_SIZE, shuffle=True)
     device = torch.device(device)
-    model = CNNClassifier(data.input_shape, data.num_classes).to(device)
+    model = _manual_cnn_class()(data.input_shape, data.num_classes).to(device)
     return _torch_loop(model, loader, nn.CrossEntropyLoss(), device, epochs)
 
 

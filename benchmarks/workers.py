@@ -36,6 +36,7 @@ import common  # noqa: F401  (installs the torch/tensorflow import-order guard f
 
 from common import config
 from common.datasets import batch_indices
+from common.memory import keep_freed_memory
 from common.outputs import write_json
 from common.seed import epoch_seed, seed_everything
 from benchmarks import baselines
@@ -111,6 +112,7 @@ def run_torch(task, data, device, epochs, compile_model=False):
 
     seed_everything(SEED)
     device = resolve_device(device)
+    keep_freed_memory()  # as torch_impl's runners; the manual's baseline does without
     x, y, kind = _arrays(task, data)
     if task == "cnn":
         # As torch_impl/run_cnn.py: NHWC -> NCHW shape, stored channels_last.

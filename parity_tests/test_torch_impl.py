@@ -115,6 +115,28 @@ def test_course_exercise_shapes():
     assert nn.Conv1d(3, 6, 5, device="meta")(signals).shape == (10, 6, 46)
 
 
+def test_pool_before_relu_is_the_textbook_block():
+    """The shipped CNN pools before its ReLU; the course manual's (the benchmark baseline's)
+    ReLU comes first. Max pool and ReLU commute, so outputs and gradients are the same."""
+    from benchmarks.baselines import _manual_cnn_class
+
+    torch.manual_seed(0)
+    shipped = CNNClassifier((16, 16, 3), 10).double()
+    textbook = _manual_cnn_class()((16, 16, 3), 10).double()
+    textbook.load_state_dict(shipped.state_dict())
+    x = torch.randn(6, 3, 16, 16, dtype=torch.float64)
+    outputs = []
+    for model in (shipped, textbook):
+        model.eval()  # dropout off; batch norm from the (shared) running statistics
+        out = model(x)
+        out.square().sum().backward()
+        outputs.append((out.detach(), {k: p.grad for k, p in model.named_parameters()}))
+    (out_a, grads_a), (out_b, grads_b) = outputs
+    torch.testing.assert_close(out_a, out_b, rtol=1e-12, atol=1e-12)
+    for name, grad in grads_a.items():
+        torch.testing.assert_close(grad, grads_b[name], rtol=1e-10, atol=1e-12, msg=name)
+
+
 # -- the scratch MLP ---------------------------------------------------------------------
 def test_scratch_gradients_equal_autograd():
     model = scratch.TwoLayerMLP(64, 100, 10, seed=3, dtype=torch.float64)

@@ -185,7 +185,8 @@ def build_mlp_regressor(num_features):
 def build_cnn_classifier(input_shape, num_classes):
     """CNN classification graph: inputs (N, H, W, C) NHWC -> logits (N, num_classes).
 
-    Three blocks of conv 3x3 "SAME" -> batch norm -> ReLU -> 2x2 max pool
+    Three blocks of conv 3x3 "SAME" -> batch norm -> 2x2 max pool -> ReLU (pool first:
+    the two commute, see ``common.config``)
     ((N, H, W, C) -> (N, H/2, W/2, 32) -> (N, H/4, W/4, 32) -> (N, H/8, W/8, 32)),
     flatten in (H, W, C) order, fc1 (-> 100), ReLU, dropout(0.5), fc2 (-> 100),
     ReLU, fc3 (-> num_classes). Loss: mean sparse softmax cross-entropy.
@@ -201,8 +202,8 @@ def build_cnn_classifier(input_shape, num_classes):
     for i, filters in enumerate(config.CNN_FILTERS, start=1):
         x = conv2d(x, filters, f"conv{i}")
         x = batch_norm(x, training, f"bn{i}")
-        x = tf.nn.relu(x)
         x = max_pool(x, f"pool{i}")
+        x = tf.nn.relu(x)
     with tf.name_scope("flatten"):
         # NHWC flattens in (H, W, C) order, torch's NCHW in (C, H, W): fc1's kernel rows
         # are permuted on export/import (layout.flatten_dense_*), not here.

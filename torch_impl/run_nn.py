@@ -12,6 +12,7 @@ import torch
 from common import config
 from common.cli import build_parser, parse_args
 from common.datasets import batch_indices, load_dataset
+from common.memory import keep_freed_memory
 from common.runner import TrainingRun, run_main
 from common.seed import epoch_seed, seed_everything
 from common.weights import load_weights
@@ -30,6 +31,7 @@ def main(argv=None):
                              "on 2 CPU cores it was no faster than eager)")
     args = parse_args(parser, argv)
     device = resolve_device(args.device)
+    keep_freed_memory()  # large activations are reused, not returned to the kernel (common.memory)
     seed_everything(args.seed)
     if args.deterministic:
         make_deterministic()
