@@ -375,8 +375,8 @@ def build_parser():
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
                         help="auto: the CPU, and CUDA as well when a GPU is visible")
     parser.add_argument("--task", default="all", choices=("cnn", "mlp", "all"))
-    parser.add_argument("--epochs", type=positive_int, default=3,
-                        help="timed epochs (default 3), after one warm-up epoch")
+    parser.add_argument("--epochs", type=positive_int, default=5,
+                        help="timed epochs (default 5), after one warm-up epoch")
     parser.add_argument("--images", type=positive_int, default=None,
                         help=f"CNN training images (default {DEFAULT_IMAGES})")
     parser.add_argument("--rows", type=positive_int, default=None,

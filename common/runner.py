@@ -128,8 +128,11 @@ class TrainingRun:
     def _load_state(self):
         path = self.out / CHECKPOINTS / STATE
         if not path.is_file():
-            raise UserError(f"{self.out} has no saved epoch to resume from (no "
-                            f"{CHECKPOINTS}/{STATE}); start the run again without --resume")
+            # Stopped before its first epoch ended: nothing was saved, and since every
+            # run is seeded, starting over is what the uninterrupted run did.
+            self.log.info(f"{self.out} stopped before its first epoch ended: starting it "
+                          f"again from epoch 1")
+            return
         state = json.loads(path.read_text())
         self.history = state["history"]
         self.best_val_loss = state["best_val_loss"]

@@ -104,6 +104,32 @@ def test_interrupt_then_resume_equals_uninterrupted(module, tmp_path, spawn):
     assert _test_metrics(tmp_path / "cut") == _test_metrics(tmp_path / "full")
 
 
+@pytest.mark.parametrize("module", ["torch_impl.run_cnn", "tf2_impl.run_cnn_keras", "tf1_compat.run_nn"])
+def test_interrupt_in_epoch_1_then_resume_starts_over(module, tmp_path, monkeypatch, capsys):
+    """A real SIGINT (raised in-process) during the first epoch, before anything is saved:
+    exit 130 with the resume hint, and --resume, as the hint says, starts the run over
+    from epoch 1 and ends where an uninterrupted run ends."""
+    real_check_stop = TrainingRun.check_stop
+
+    def signal_during_epoch_1(self, epoch):
+        if epoch == 1 and not self.stop.requested:
+            signal.raise_signal(signal.SIGINT)  # lands in the runner's own handler
+        return real_check_stop(self, epoch)
+
+    argv = [*_small(module), "--epochs", "2", "--seed", "4", "--deterministic", "--device", "cpu"]
+    monkeypatch.setattr(TrainingRun, "check_stop", signal_during_epoch_1)
+    assert _main(module, [*argv, "--out", str(tmp_path / "cut")]) == 130
+    monkeypatch.undo()
+    printed = capsys.readouterr()
+    assert f"--resume {tmp_path / 'cut'}" in printed.out + printed.err
+    assert not (tmp_path / "cut" / "checkpoint" / "state.json").exists()
+    assert _main(module, ["--resume", str(tmp_path / "cut")]) == 0
+    assert "starting it again from epoch 1" in (tmp_path / "cut" / "run.log").read_text()
+    assert _main(module, [*argv, "--out", str(tmp_path / "full")]) == 0
+    assert (tmp_path / "cut" / "predictions.csv").read_bytes() == \
+        (tmp_path / "full" / "predictions.csv").read_bytes()
+
+
 @pytest.mark.parametrize("module", RUNNERS)
 def test_deterministic_double_run_bit_identical(module, tmp_path):
     argv = [*_small(module), "--epochs", "2", "--seed", "5", "--deterministic", "--device", "cpu"]

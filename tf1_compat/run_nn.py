@@ -58,7 +58,7 @@ def main(argv=None):
         if args.weights:
             tensors, _ = load_weights(args.weights, dataset.task, dataset.input_shape)
             import_weights(sess, model, tensors)
-        if args.resume:
+        if run.last_checkpoint:  # --resume after a saved epoch
             load_checkpoint(run.checkpoint_file(run.last_checkpoint), sess, last_saver)
 
         if not args.eval_only:

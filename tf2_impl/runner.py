@@ -81,7 +81,7 @@ def train_and_test(args, kind, device):
     # Adam's moment variables are created lazily; build them now so that a checkpoint
     # can restore into them.
     optimizer.build(model.trainable_variables)
-    if args.resume:
+    if run.last_checkpoint:  # --resume after a saved epoch
         load_checkpoint(run.checkpoint_file(run.last_checkpoint), model, optimizer)
 
     def end_epoch(epoch, train, val, seconds):

@@ -51,7 +51,7 @@ def main(argv=None):
     step_model = torch.compile(model) if args.compile else model
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr,
                                  betas=(config.ADAM_BETA1, config.ADAM_BETA2), eps=config.ADAM_EPS)
-    if args.resume:
+    if run.last_checkpoint:  # --resume after a saved epoch
         load_checkpoint(run.checkpoint_file(run.last_checkpoint), model, optimizer)
 
     if not args.eval_only:
