@@ -7,7 +7,7 @@ the top of its heap whenever that holds more free memory than a threshold; the
 next step faults the pages back in, and the kernel zeroes each one. On this
 project's 2-core machine that made a third of PyTorch's training time system
 time, and training ran at half speed (measured with ``vmstat``: 35% ``sy``
-before, 2% after).
+before, 1-2% after).
 
 ``keep_freed_memory()`` raises both thresholds so freed buffers stay in the
 process and the next step reuses them. It is what the environment variables

@@ -317,7 +317,7 @@ def test_adam_steps_agree_with_matched_defaults(task, steps, monkeypatch):
     assert moved > 0.5e-3 * steps * 0.5  # the weights really moved
     for name, got in (("tf2", tf2_adam(task, weights, batches)), ("tf1", tf1_adam(task, weights, batches))):
         for param, value in expected.items():
-            if param.startswith("conv") and param.endswith("bias") or param.endswith("running_mean"):
+            if (param.startswith("conv") and param.endswith("bias")) or param.endswith("running_mean"):
                 np.testing.assert_allclose(got[param], value, atol=1e-3 * steps,
                                            err_msg=f"{name} {param}")
             else:

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from common import outputs
-from common.runner import TrainingRun, run_main
+from common.runner import CHECKPOINTS, STATE, TrainingRun, run_main
 from common.weights import read_weights, save_weights
 
 REPO = Path(__file__).resolve().parents[1]
@@ -122,7 +122,7 @@ def test_interrupt_in_epoch_1_then_resume_starts_over(module, tmp_path, monkeypa
     monkeypatch.undo()
     printed = capsys.readouterr()
     assert f"--resume {tmp_path / 'cut'}" in printed.out + printed.err
-    assert not (tmp_path / "cut" / "checkpoint" / "state.json").exists()
+    assert not (tmp_path / "cut" / CHECKPOINTS / STATE).exists()
     assert _main(module, ["--resume", str(tmp_path / "cut")]) == 0
     assert "starting it again from epoch 1" in (tmp_path / "cut" / "run.log").read_text()
     assert _main(module, [*argv, "--out", str(tmp_path / "full")]) == 0
