@@ -166,6 +166,36 @@ def test_fused_batch_norm_layer_matches_torch_batch_norm():
     np.testing.assert_allclose(inference, expected, atol=1e-5)
 
 
+
+def test_broadcast_bias_conv_matches_the_keras_conv_layer():
+    """tf2_impl's conv layer against ``layers.Conv2D`` with the same weights: the same
+    variables, outputs and gradients (kernel, bias, input); only the bias add differs."""
+    from keras import layers
+
+    from tf2_impl.models import _conv
+
+    rng = np.random.default_rng(0)
+    x = tf.constant(rng.normal(size=(4, 9, 9, 3)).astype(np.float32))
+    ours, keras_conv = _conv(5, "conv1"), layers.Conv2D(5, config.CNN_KERNEL, padding="same")
+    ours.build(x.shape)
+    keras_conv.build(x.shape)
+    assert [v.path.split("/")[-1] for v in ours.weights] == ["kernel", "bias"]
+    kernel = rng.normal(size=(3, 3, 3, 5)).astype(np.float32)
+    for layer in (ours, keras_conv):
+        layer.kernel.assign(kernel)
+        layer.bias.assign(np.arange(5, dtype=np.float32) - 2.0)
+    weights = tf.constant(np.arange(5, dtype=np.float32))  # channels weighed differently
+
+    def outputs_and_gradients(layer):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = layer(x)
+            loss = tf.reduce_sum(tf.nn.relu(y) * weights)
+        return [y] + tape.gradient(loss, [layer.kernel, layer.bias, x])
+
+    for a, b in zip(outputs_and_gradients(ours), outputs_and_gradients(keras_conv)):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-5)
+
 @pytest.mark.parametrize("api", APIS)
 def test_cnn_weights_are_keras_layouts_and_export_to_shared_shapes(api):
     model = build_cnn(api, CIFAR, 10)
