@@ -33,7 +33,7 @@ import time
 import numpy as np
 
 from common import config
-from benchmarks.timing import timed_epochs
+from benchmarks.timing import timed_epochs, wait_for_turn
 
 BATCH_SIZE = config.BATCH_SIZE
 LEARNING_RATE = config.LEARNING_RATE
@@ -217,6 +217,7 @@ class EpochTimer:
 
         class _Callback(keras.callbacks.Callback):
             def on_epoch_begin(self, epoch, logs=None):
+                wait_for_turn()
                 timer._start = time.perf_counter()
 
             def on_epoch_end(self, epoch, logs=None):

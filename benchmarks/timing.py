@@ -4,6 +4,12 @@
 callable that blocks until queued device work has finished: GPU kernels are
 launched asynchronously, so stopping the clock without synchronising measures
 the launch, not the work.
+
+``timed_epochs`` times training epochs. In a worker of ``benchmarks.training``
+each epoch first waits for its turn (``wait_for_turn``): the coordinator lets
+one process compute at a time and hands the turns round, so the epochs of all
+implementations interleave and a slow spell of a shared machine falls on all of
+them alike instead of on whichever ran through it.
 """
 import math
 import statistics
@@ -57,12 +63,36 @@ def spread(values):
     return float(min(values)), float(max(values))
 
 
+# -- turns: one process computes at a time (benchmarks.training's schedule) ---------------
+_turns = None  # (go lines in, ready lines out) once use_turns() was called
+
+
+def use_turns(go_in, ready_out):
+    """Take turns from now on: `wait_for_turn` writes "ready" to the text stream
+    `ready_out` and blocks until a "go" line arrives on `go_in`."""
+    global _turns
+    _turns = (go_in, ready_out)
+
+
+def wait_for_turn():
+    """Block until the coordinator says this process may compute; at once without turns."""
+    if _turns is None:
+        return
+    go_in, ready_out = _turns
+    ready_out.write("ready\n")
+    ready_out.flush()
+    if go_in.readline().strip() != "go":
+        raise SystemExit("benchmarks.training stopped handing out turns")
+
+
 def timed_epochs(epoch_fn, epochs, before_epoch=None):
-    """Seconds of each `epoch_fn(epoch)` for epochs 1..`epochs`; `before_epoch(epoch)`
-    (reseeding, say) runs outside the clock. The epoch function must return only
-    once the device has finished its work (a ``.item()`` or ``float()`` at its end)."""
+    """Seconds of each `epoch_fn(epoch)` for epochs 1..`epochs`; each epoch waits for its
+    turn and `before_epoch(epoch)` (reseeding, say) runs, both outside the clock. The
+    epoch function must return only once the device has finished its work (a
+    ``.item()`` or ``float()`` at its end)."""
     seconds = []
     for epoch in range(1, epochs + 1):
+        wait_for_turn()
         if before_epoch is not None:
             before_epoch(epoch)
         start = time.perf_counter()

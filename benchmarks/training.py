@@ -21,7 +21,10 @@ Method: every entry runs in its own process (``benchmarks.workers``: clean
 state, the import-order rule, ``CUDA_VISIBLE_DEVICES=""`` on CPU), on the CPU
 and on CUDA when present; batch 100; one warm-up epoch (allocations, graph
 tracing, ``torch.compile``) is excluded, and the median of the timed epochs is
-reported with their spread (min and max). Next to each figure: the model's
+reported with their spread (min and max). The processes of one task take turns
+(``take_turns``): one computes at a time, one epoch per turn, round after
+round, so every implementation's epochs are spread over the same minutes and a
+slow spell of a shared machine does not land on one implementation alone. Next to each figure: the model's
 training FLOPs per item counted analytically (``benchmarks.flops``), the
 achieved GFLOP/s, and that as a percentage of the machine's float32
 matrix-product peak (measured by the workers with ``benchmarks.ops``'s code, or
@@ -40,7 +43,9 @@ not measurements.
 """
 import argparse
 import csv
+import json
 import os
+import select
 import statistics
 import subprocess
 import sys
@@ -139,19 +144,100 @@ def worker_env(device):
     return env
 
 
-def run_worker(command, device, log_path, timeout):
-    """(parsed result or None, one-line error or None)."""
-    import json
+def read_result(command, returncode, log_path):
+    """(parsed result or None, one-line error or None) of a finished worker."""
     result_path = Path(command[command.index("--result") + 1])
+    if returncode != 0 or not result_path.is_file():
+        return None, f"worker exited with status {returncode} (log: {log_path})"
+    return json.loads(result_path.read_text()), None
+
+
+def run_worker(command, device, log_path, timeout):
+    """Run one worker to its end: (parsed result or None, one-line error or None)."""
     with open(log_path, "w", encoding="utf-8") as log:
         try:
             proc = subprocess.run(command, cwd=ROOT, env=worker_env(device), stdout=log,
                                   stderr=subprocess.STDOUT, timeout=timeout)
         except subprocess.TimeoutExpired:
             return None, f"timed out after {timeout} s (log: {log_path})"
-    if proc.returncode != 0 or not result_path.is_file():
-        return None, f"worker exited with status {proc.returncode} (log: {log_path})"
-    return json.loads(result_path.read_text()), None
+    return read_result(command, proc.returncode, log_path)
+
+
+class TurnTaker:
+    """A worker started with ``--turns-fd``: it computes only between our "go" on its
+    stdin and its next "ready" on the pipe (``benchmarks.timing.wait_for_turn``)."""
+
+    def __init__(self, command, device, log_path, timeout):
+        self.command, self.log_path, self.timeout = command, log_path, timeout
+        self.error = None
+        self.started = time.perf_counter()
+        self.log = open(log_path, "w", encoding="utf-8")
+        ready_fd, write_fd = os.pipe()
+        try:
+            self.proc = subprocess.Popen(
+                command + ["--turns-fd", str(write_fd)], cwd=ROOT, env=worker_env(device),
+                stdin=subprocess.PIPE, stdout=self.log, stderr=subprocess.STDOUT,
+                pass_fds=(write_fd,), text=True)
+        finally:
+            os.close(write_fd)  # the worker holds the only write end: EOF when it exits
+        self.ready = open(ready_fd, encoding="utf-8")
+
+    @property
+    def alive(self):
+        return not self.ready.closed
+
+    def wait_until_ready(self):
+        """Block until the worker is ready for its next turn, or has exited."""
+        readable, _, _ = select.select([self.ready], [], [], self.timeout)
+        if not readable:
+            self.proc.kill()
+            self.error = f"timed out after {self.timeout} s in one turn (log: {self.log_path})"
+        elif self.ready.readline():
+            return
+        self.ready.close()
+        self.proc.wait()
+        self.log.close()
+
+    def take_turn(self):
+        try:
+            self.proc.stdin.write("go\n")
+            self.proc.stdin.flush()
+        except BrokenPipeError:
+            pass  # it has exited; the next read sees the end of its pipe
+        self.wait_until_ready()
+
+    def outcome(self):
+        if self.error:
+            return None, self.error, time.perf_counter() - self.started
+        result, error = read_result(self.command, self.proc.returncode, self.log_path)
+        return result, error, time.perf_counter() - self.started
+
+
+def take_turns(jobs, timeout):
+    """Run the workers of `jobs` ((command, device, log path) each) so that one computes
+    at a time and their epochs interleave; [(result, error, seconds)] in `jobs` order.
+
+    The workers start one after the other, each finishing its set-up (imports, data,
+    model) before the next starts. Then rounds: every live worker in turn runs one epoch
+    (warm-up epochs first, as they come), until each has run its last turn (its
+    matrix-product measurement and result file) and exited. A slow spell of the
+    machine then spreads over every implementation's epochs, and the median of each
+    one's epochs leaves it out, instead of one implementation running through it.
+    """
+    workers = []
+    for command, device, log_path in jobs:
+        worker = TurnTaker(command, device, log_path, timeout)
+        worker.wait_until_ready()
+        workers.append(worker)
+    rounds = 0
+    while any(w.alive for w in workers):
+        rounds += 1
+        for worker in workers:
+            if worker.alive:
+                worker.take_turn()
+        print(f"      round {rounds}: {sum(w.alive for w in workers)} of {len(workers)} "
+            f"processes still running", flush=True)
+    return [w.outcome() for w in workers]
 
 
 def peak_requests(processes, devices):
@@ -168,18 +254,23 @@ def peak_requests(processes, devices):
 
 
 def run_processes(processes, warmup, epochs, sizes, quick, out, wanted_peaks, peaks):
-    """Start the workers (one after the other; all at once with --quick) and turn their
-    results into (records, failures); measured peaks are added to `peaks`."""
+    """Run the workers and turn their results into (records, failures); measured peaks
+    are added to `peaks`. The processes of one task and device take turns
+    (``take_turns``), one task and device after the other; with --quick all start at
+    once."""
     timeout = QUICK_WORKER_TIMEOUT if quick else WORKER_TIMEOUT
 
-    def launch(i):
+    def job(i):
         device, group = processes[i]
         task0, entry0 = group[0]
         stem = f"{device}-{task0}-{entry0.name}" if len(group) == 1 else f"{device}-{entry0.family}"
         command = worker_command(group, device, warmup + epochs, sizes, quick,
                                  wanted_peaks.get(i), out / "workers" / f"{stem}.json")
+        return command, device, out / "workers" / f"{stem}.log"
+
+    def launch(i):
         t0 = time.perf_counter()
-        result, error = run_worker(command, device, out / "workers" / f"{stem}.log", timeout)
+        result, error = run_worker(*job(i), timeout)
         return result, error, time.perf_counter() - t0
 
     records, failures = [], []
@@ -202,7 +293,7 @@ def run_processes(processes, warmup, epochs, sizes, quick, out, wanted_peaks, pe
                                  "error": message, "optional": e.name in OPTIONAL})
                 line = f"FAILED: {message}"
             print(f"[{i + 1}/{len(processes)}] {task} {device} {e.name}: {line}", flush=True)
-        print(f"      (process {i + 1}: {seconds:.0f} s with start-up)", flush=True)
+        print(f"      (process {i + 1}: {seconds:.0f} s from its start to its end)", flush=True)
 
     if quick:
         # A smoke run: its few processes start together, so framework start-up overlaps.
@@ -212,8 +303,14 @@ def run_processes(processes, warmup, epochs, sizes, quick, out, wanted_peaks, pe
         for i, outcome in enumerate(outcomes):
             collect(i, *outcome)
     else:
-        for i in range(len(processes)):
-            collect(i, *launch(i))
+        sets = {}
+        for i, (device, group) in enumerate(processes):
+            sets.setdefault((device, group[0][0]), []).append(i)
+        for (device, task), indices in sets.items():
+            print(f"{task} on {device}: {len(indices)} processes taking turns", flush=True)
+            outcomes = take_turns([job(i) for i in indices], timeout)
+            for i, outcome in zip(indices, outcomes):
+                collect(i, *outcome)
     return records, failures
 
 

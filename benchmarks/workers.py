@@ -15,7 +15,10 @@ live in ``benchmarks.baselines``.
 ``benchmarks.training`` starts one process per entry (clean state, and the
 import-order rule: a process imports torch or tensorflow, rarely both), with
 ``CUDA_VISIBLE_DEVICES=""`` for CPU runs so no framework can place work on a
-GPU. A TF1 process switches the whole process to TF1 semantics first, as only
+GPU. With ``--turns-fd`` the process takes turns with the others
+(``benchmarks.timing.wait_for_turn``): it says "ready" on that file descriptor
+before every epoch and before its closing matrix-product measurement, and waits
+for "go" on stdin. A TF1 process switches the whole process to TF1 semantics first, as only
 an entry point may: ``tf1_compat.train.use_tf1_behavior()`` for tf1_compat, as
 its runners do (v1 semantics with v2 control flow), plain
 ``tf.compat.v1.disable_v2_behavior()`` for the manual's TF1 graph.
@@ -41,7 +44,7 @@ from common.outputs import write_json
 from common.seed import epoch_seed, seed_everything
 from benchmarks import baselines
 from benchmarks.data import image_data, tabular_data
-from benchmarks.timing import timed_epochs
+from benchmarks.timing import timed_epochs, use_turns, wait_for_turn
 
 SEED = config.SEED
 BATCH_SIZE = config.BATCH_SIZE
@@ -213,11 +216,13 @@ def run_tf2(task, data, device, epochs, loop):
         callback = TrainingRunCallback(
             _FitRun("accuracy" if kind == "classification" else "mse"), SEED,
             lambda epoch, train_metrics, val_metrics, epoch_seconds: seconds.append(epoch_seconds))
+        # Before the runner's callback, whose epoch clock starts in its on_epoch_begin.
+        take_turn = keras.callbacks.LambdaCallback(on_epoch_begin=lambda epoch, logs: wait_for_turn())
         held_out = slice(0, min(len(x), 10 * BATCH_SIZE))
         model.fit(fit_batches(x, y, BATCH_SIZE, SEED, range(1, epochs + 1)), epochs=epochs,
                   steps_per_epoch=-(-len(x) // BATCH_SIZE), shuffle=False,
                   validation_data=(x[held_out], y[held_out]), validation_batch_size=BATCH_SIZE,
-                  callbacks=[keras.callbacks.ProgbarLogger(), callback])
+                  callbacks=[take_turn, keras.callbacks.ProgbarLogger(), callback])
         return seconds
 
     train_step, metrics = make_train_step(model, optimizer, kind, data.input_shape)
@@ -289,11 +294,16 @@ def build_parser():
     parser.add_argument("--peak", default="", help="comma-separated: numpy, torch, tensorflow")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--result", required=True, help="where to write the JSON result")
+    parser.add_argument("--turns-fd", type=int, default=None,
+                        help="take turns: write 'ready' lines to this file descriptor and wait "
+                             "for 'go' lines on stdin (set by benchmarks.training)")
     return parser
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    if args.turns_fd is not None:
+        use_turns(sys.stdin, open(args.turns_fd, "w", encoding="utf-8"))
     jobs = [tuple(job.split(":", 1)) for job in args.jobs.split(",") if job]
     families = {entry(task, name).family for task, name in jobs}
     if len(families) != 1:
@@ -323,6 +333,7 @@ def main(argv=None):
                         "error": error, "wall_seconds": time.perf_counter() - start})
         print(f"{task} {name}: {error or ', '.join(f'{s:.3f}' for s in seconds)} s", flush=True)
     peaks = {}
+    wait_for_turn()  # the measurement below and the write-up take a turn of their own
     if args.peak:
         try:
             peaks = matmul_peaks([p for p in args.peak.split(",") if p], args.device, args.quick)

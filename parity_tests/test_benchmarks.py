@@ -116,6 +116,53 @@ def test_ratios_are_against_the_same_runs_baseline():
     assert by[("torch_eager", "cpu")]["percent_of_peak"] == pytest.approx(100 * 50 / 200)
 
 
+FAKE_WORKER = """
+import json, sys, time
+from benchmarks.timing import timed_epochs, use_turns, wait_for_turn
+args = dict(zip(sys.argv[1::2], sys.argv[2::2]))
+use_turns(sys.stdin, open(int(args["--turns-fd"]), "w"))
+name, epochs, crash = args["--name"], int(args["--epochs"]), int(args["--crash-after"])
+
+def epoch(i):
+    if i > crash:
+        sys.exit(1)
+    with open(args["--trace"], "a") as trace:
+        trace.write(f"{name} {i} start {time.time()}\\n")
+    time.sleep(0.05)
+    with open(args["--trace"], "a") as trace:
+        trace.write(f"{name} {i} end {time.time()}\\n")
+
+seconds = timed_epochs(epoch, epochs)
+wait_for_turn()
+with open(args["--result"], "w") as f:
+    json.dump({"seconds": seconds}, f)
+"""
+
+
+def test_workers_take_turns_one_epoch_each_and_never_overlap(tmp_path):
+    """benchmarks.training's schedule with stand-in workers: round after round, one
+    epoch per worker per turn, no two epochs at the same time; a worker that dies
+    midway is reported and does not hold up the others."""
+    script, trace = tmp_path / "fake_worker.py", tmp_path / "trace.txt"
+    script.write_text(FAKE_WORKER)
+    jobs = []
+    for name, crash in (("a", 99), ("b", 2), ("c", 99)):
+        command = [sys.executable, str(script), "--name", name, "--epochs", "3",
+                   "--crash-after", str(crash), "--trace", str(trace),
+                   "--result", str(tmp_path / f"{name}.json")]
+        jobs.append((command, "cpu", tmp_path / f"{name}.log"))
+    outcomes = training.take_turns(jobs, timeout=60)
+
+    events = [line.split() for line in trace.read_text().splitlines()]
+    starts = [f"{name}{i}" for name, i, what, _ in events if what == "start"]
+    assert starts == ["a1", "b1", "c1", "a2", "b2", "c2", "a3", "c3"]
+    for (name, i, what, _), (name2, i2, what2, _) in zip(events[::2], events[1::2]):
+        assert (name, i, what) == (name2, i2, "start") and what2 == "end"  # never interleaved
+    (a, a_error, _), (b, b_error, _), (c, c_error, _) = outcomes
+    assert a_error is None and c_error is None and len(a["seconds"]) == len(c["seconds"]) == 3
+    assert b is None and "status 1" in b_error
+
+
 # -- smoke runs -----------------------------------------------------------------------------
 def test_ops_quick_smoke(tmp_path):
     out = tmp_path / "ops"
