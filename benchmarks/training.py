@@ -180,21 +180,26 @@ class TurnTaker:
                 pass_fds=(write_fd,), text=True)
         finally:
             os.close(write_fd)  # the worker holds the only write end: EOF when it exits
-        self.ready = open(ready_fd, encoding="utf-8")
+        self.ready_fd = ready_fd
 
     @property
     def alive(self):
-        return not self.ready.closed
+        return self.ready_fd is not None
 
     def wait_until_ready(self):
         """Block until the worker is ready for its next turn, or has exited."""
-        readable, _, _ = select.select([self.ready], [], [], self.timeout)
+        readable, _, _ = select.select([self.ready_fd], [], [], self.timeout)
         if not readable:
             self.proc.kill()
             self.error = f"timed out after {self.timeout} s in one turn (log: {self.log_path})"
-        elif self.ready.readline():
+        elif os.read(self.ready_fd, 64):  # "ready\n": one line per "go", so one read
             return
-        self.ready.close()
+        os.close(self.ready_fd)
+        self.ready_fd = None
+        try:
+            self.proc.stdin.close()
+        except BrokenPipeError:
+            pass  # a "go" it did not live to read
         self.proc.wait()
         self.log.close()
 
@@ -236,7 +241,7 @@ def take_turns(jobs, timeout):
             if worker.alive:
                 worker.take_turn()
         print(f"      round {rounds}: {sum(w.alive for w in workers)} of {len(workers)} "
-            f"processes still running", flush=True)
+              f"processes still running", flush=True)
     return [w.outcome() for w in workers]
 
 
