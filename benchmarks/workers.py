@@ -18,9 +18,9 @@ import-order rule: a process imports torch or tensorflow, rarely both), with
 GPU. With ``--turns-fd`` the process takes turns with the others
 (``benchmarks.timing.wait_for_turn``): it says "ready" on that file descriptor
 before every epoch and before its closing matrix-product measurement, and waits
-for "go" on stdin. A TF1 process switches the whole process to TF1 semantics first, as only
-an entry point may: ``tf1_compat.train.use_tf1_behavior()`` for tf1_compat, as
-its runners do (v1 semantics with v2 control flow), plain
+for "go" on stdin. A TF1 process switches the whole process to TF1 semantics
+first, as only an entry point may: ``tf1_compat.train.use_tf1_behavior()`` for
+tf1_compat, as its runners do (v1 semantics with v2 control flow), plain
 ``tf.compat.v1.disable_v2_behavior()`` for the manual's TF1 graph.
 
 The result, written to ``--result`` as JSON: one item per entry with

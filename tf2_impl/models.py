@@ -59,6 +59,8 @@ class BroadcastBiasConv2D(layers.Conv2D):
 
     def call(self, inputs):
         outputs = self.convolution_op(inputs, self.kernel)
+        if not self.use_bias:
+            return outputs
         # tf.add, not keras.ops.add, which would turn this back into tf.nn.bias_add.
         return tf.add(outputs, tf.reshape(self.bias, (1, 1, 1, self.filters)))
 
