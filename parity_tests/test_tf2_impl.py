@@ -172,7 +172,7 @@ def test_broadcast_bias_conv_matches_the_keras_conv_layer():
     variables, outputs and gradients (kernel, bias, input); only the bias add differs."""
     from keras import layers
 
-    from tf2_impl.models import _conv
+    from tf2_impl.models import BroadcastBiasConv2D, _conv
 
     rng = np.random.default_rng(0)
     x = tf.constant(rng.normal(size=(4, 9, 9, 3)).astype(np.float32))
@@ -195,6 +195,12 @@ def test_broadcast_bias_conv_matches_the_keras_conv_layer():
 
     for a, b in zip(outputs_and_gradients(ours), outputs_and_gradients(keras_conv)):
         np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-5)
+
+    no_bias = BroadcastBiasConv2D(5, config.CNN_KERNEL, padding="same", use_bias=False)
+    no_bias.build(x.shape)
+    no_bias.kernel.assign(kernel)
+    np.testing.assert_allclose(no_bias(x).numpy(), (keras_conv(x) - keras_conv.bias).numpy(),
+                               rtol=1e-5, atol=1e-5)
 
 @pytest.mark.parametrize("api", APIS)
 def test_cnn_weights_are_keras_layouts_and_export_to_shared_shapes(api):
