@@ -200,7 +200,7 @@ def fit_batches(x, y, batch_size, seed, epochs):
     ``batch`` cuts each order into the same consecutive batches as ``batch_indices``,
     the rows are gathered in the pipeline and ``prefetch`` prepares the next batch while
     the current one trains. (A Python generator of index arrays, ``from_generator``,
-    measured 6% slower: it holds the GIL on the training process's 2 cores.)
+    measured 6% slower.)
     Give ``fit`` ``steps_per_epoch`` so it reads one iterator across epochs.
     """
     orders = np.stack([np.concatenate(batch_indices(len(x), batch_size, seed, epoch))
