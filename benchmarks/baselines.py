@@ -20,10 +20,20 @@ not be made slower -- nor faster -- than that.
   a Keras ``Sequential`` model with softmax as its last layer and Keras
   defaults elsewhere, trained on ``tf.data.Dataset.from_tensor_slices(...)
   .shuffle(n).batch(100)`` either by a ``@tf.function`` ``GradientTape`` step or
-  by ``model.fit(..., epochs=...)``.
+  by ``model.fit`` (one call per epoch, see ``manual_keras_tfdata``).
 * ``manual_tf_graph`` -- a straightforward TF1 graph: placeholders,
   ``get_variable``, ``tf.nn`` ops, ``AdamOptimizer().minimize``, and
   ``sess.run`` with a ``feed_dict`` of numpy slices per batch.
+
+The manual's TF2 versions tear each epoch's ``tf.data`` iterator down after the
+clock stops. In TF 2.21, deleting an iterator sometimes waits for its autotuning
+thread (``Model::OptimizeLoop``) to wake up, which it does 10 x (2**k - 1) ms after
+the iterator started, at most a minute apart: measured, one teardown in four
+waited, for up to as long as the iterator had lived. Timed, that turned 2.6 s
+epochs into 5.1 s ones at random, and in ``fit(epochs=...)``, whose iterator
+lives on through the other processes' turns until the next epoch begins, into
+12-31 s ones. The implementations' timings leave it out too: their ``fit``
+reads one iterator across all epochs, their loops use none.
 
 Frameworks are imported inside the functions: a worker process imports only
 the framework its entry needs.
@@ -185,9 +195,11 @@ def manual_tf2_loop(task, data, epochs):
 
     def epoch_fn(epoch):
         total = 0.0
-        for inputs, targets in dataset:
+        batches = iter(dataset)  # what `for ... in dataset` does, kept to tear down untimed
+        for inputs, targets in batches:
             total += train_step(inputs, targets)  # a tensor: no host round trip per step
-        return float(total)  # waits for the last step
+        float(total)  # waits for the last step
+        return batches  # timed_epochs drops it after stopping the clock
 
     return timed_epochs(epoch_fn, epochs)
 
@@ -199,13 +211,19 @@ def manual_keras_tfdata(task, data, epochs):
     model, loss_fn, x, y = _manual_model_and_loss(task, data)
     model.compile(optimizer=keras.optimizers.Adam(learning_rate=LEARNING_RATE), loss=loss_fn,
                   metrics=["accuracy"] if task == "cnn" else [])
+    dataset = _tf_dataset(x, y)
     timer = EpochTimer()
-    model.fit(_tf_dataset(x, y), epochs=epochs, callbacks=[timer.callback()])
+    # One fit call per epoch, where the manual has fit(epochs=epochs): the same training,
+    # but each epoch's iterator is torn down (untimed) as its fit returns, not after the
+    # other processes' turns (see the module docstring).
+    for _ in range(epochs):
+        model.fit(dataset, epochs=1, callbacks=[timer.callback()])
     return timer.seconds
 
 
 class EpochTimer:
-    """Seconds per epoch of one ``model.fit(epochs=...)`` call."""
+    """Seconds per epoch of ``model.fit`` calls, from the start of an epoch (after its
+    turn) to the end of its last batch."""
 
     def __init__(self):
         self.seconds = []

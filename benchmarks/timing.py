@@ -89,13 +89,16 @@ def timed_epochs(epoch_fn, epochs, before_epoch=None):
     """Seconds of each `epoch_fn(epoch)` for epochs 1..`epochs`; each epoch waits for its
     turn and `before_epoch(epoch)` (reseeding, say) runs, both outside the clock. The
     epoch function must return only once the device has finished its work (a
-    ``.item()`` or ``float()`` at its end)."""
+    ``.item()`` or ``float()`` at its end). What it returns is dropped after the clock
+    has stopped: a ``tf.data`` iterator returned there is torn down untimed
+    (``benchmarks.baselines`` says why that matters)."""
     seconds = []
     for epoch in range(1, epochs + 1):
         wait_for_turn()
         if before_epoch is not None:
             before_epoch(epoch)
         start = time.perf_counter()
-        epoch_fn(epoch)
+        leftover = epoch_fn(epoch)
         seconds.append(time.perf_counter() - start)
+        del leftover
     return seconds
