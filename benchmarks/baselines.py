@@ -28,7 +28,7 @@ not be made slower -- nor faster -- than that.
 The manual's TF2 versions tear each epoch's ``tf.data`` iterator down after the
 clock stops. In TF 2.21, deleting an iterator sometimes waits for its autotuning
 thread (``Model::OptimizeLoop``) to wake up, which it does 10 x (2**k - 1) ms after
-the iterator started, at most a minute apart: measured, one teardown in four
+the iterator started, at most a minute apart: measured, about one teardown in four
 waited, for up to as long as the iterator had lived. Timed, that turned 2.6 s
 epochs into 5.1 s ones at random, and in ``fit(epochs=...)``, whose iterator
 lives on through the other processes' turns until the next epoch begins, into
