@@ -404,7 +404,8 @@ def format_table(records, failures, peaks, info, settings):
         unit = mine[0]["unit"]
         lines.append("")
         lines.append(f"{task.upper()}: {unit}, training FLOPs per item "
-                     f"{mine[0]['flops_per_item'] / 1e6:.3f} M (conv + dense MACs x 2 x 3)")
+                     f"{mine[0]['flops_per_item'] / 1e6:.3f} M "
+                     f"({'conv + dense' if task == 'cnn' else 'dense'} MACs x 2 x 3)")
         lines.append(f"{'device':6s} {'implementation':38s} {unit:>10s} {'min-max':>15s} "
                      f"{'ratio':>6s} {'target':>8s} {'GFLOP/s':>8s} {'% peak':>7s}  note")
         for r in mine:
