@@ -21,14 +21,14 @@ Method: every entry runs in its own process (``benchmarks.workers``: clean
 state, the import-order rule, ``CUDA_VISIBLE_DEVICES=""`` on CPU), on the CPU
 and on CUDA when present; batch 100; one warm-up epoch (allocations, graph
 tracing, ``torch.compile``) is excluded, and the median of the timed epochs is
-reported with their spread (min and max). The processes of one task take turns
-(``take_turns``): one computes at a time, one epoch per turn, round after
-round, so every implementation's epochs are spread over the same minutes and a
-slow spell of a shared machine does not land on one implementation alone. Next to each figure: the model's
-training FLOPs per item counted analytically (``benchmarks.flops``), the
-achieved GFLOP/s, and that as a percentage of the machine's float32
-matrix-product peak (measured by the workers with ``benchmarks.ops``'s code, or
-read from an ``ops.csv`` given with ``--ops-csv``).
+reported with their spread (min and max). The processes of one task and device
+take turns (``take_turns``): one computes at a time, one epoch per turn, round
+after round, so every implementation's epochs are spread over the same minutes
+and a slow spell of a shared machine does not land on one implementation alone.
+Next to each figure: the model's training FLOPs per item counted analytically
+(``benchmarks.flops``), the achieved GFLOP/s, and that as a percentage of the
+machine's float32 matrix-product peak (measured by the workers with
+``benchmarks.ops``'s code, or read from an ``ops.csv`` given with ``--ops-csv``).
 
 Record names carry one marker each, so a script can find them: "torch" (the
 PyTorch implementation; the eager record comes first), "tape", "fit", "tf1";

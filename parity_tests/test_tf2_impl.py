@@ -202,6 +202,7 @@ def test_broadcast_bias_conv_matches_the_keras_conv_layer():
     np.testing.assert_allclose(no_bias(x).numpy(), (keras_conv(x) - keras_conv.bias).numpy(),
                                rtol=1e-5, atol=1e-5)
 
+
 @pytest.mark.parametrize("api", APIS)
 def test_cnn_weights_are_keras_layouts_and_export_to_shared_shapes(api):
     model = build_cnn(api, CIFAR, 10)

@@ -52,10 +52,10 @@ class BroadcastBiasConv2D(layers.Conv2D):
     bias gradient into the kernel gradient (``Conv2DBackpropFilterWithBias``). On 2
     CPU cores that fused kernel measured 3 to 4 times slower than the plain one for
     conv1 (3 input channels, 32x32 maps: 4.4-4.7 ms a step against 1.0-1.4 ms), and a
-    CNN training step 13% slower. A broadcasting
-    ``tf.add`` differentiates to a separate sum over (N, H, W), which leaves the plain
-    kernel; the forward pass still fuses conv and bias. ``tf1_compat`` keeps
-    ``tf.nn.bias_add``: there the pass leaves the two gradients apart by itself.
+    CNN training step 13% slower. A broadcasting ``tf.add`` differentiates to a
+    separate sum over (N, H, W), which leaves the plain kernel; the forward pass still
+    fuses conv and bias. ``tf1_compat`` keeps ``tf.nn.bias_add``: there the pass leaves
+    the two gradients apart by itself.
     """
 
     def call(self, inputs):
