@@ -8,7 +8,13 @@
   (it only matters on Ampere or newer GPUs, where it is torch's and TF's default
   for convolutions / TF's for matmuls).
 """
+import importlib
+import json
 import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
 
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 os.environ.setdefault("TF_XLA_FLAGS", "--tf_xla_auto_jit=0")
@@ -16,6 +22,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
 import common  # noqa: E402,F401  (installs the import-order guard)
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
@@ -27,4 +34,93 @@ import tensorflow as tf  # noqa: E402  (after torch: see common/frameworks.py)
 
 tf.config.experimental.enable_tensor_float_32_execution(False)
 
+from common.config import cnn_parameter_shapes, mlp_parameter_shapes  # noqa: E402
+from common.runner import run_main  # noqa: E402
+
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(autouse=True)
+def restore_process_state():
+    """main() installs signal handlers, and --deterministic sets framework flags and
+    environment variables: give the rest of the pytest process its own back."""
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    environ = dict(os.environ)
+    yield
+    for s, handler in handlers.items():
+        signal.signal(s, handler)
+    if torch.are_deterministic_algorithms_enabled() != deterministic:
+        torch.use_deterministic_algorithms(deterministic)  # imports torch._inductor: only if needed
+    os.environ.clear()
+    os.environ.update(environ)
+
+
+def call(main, argv):
+    """Exit code of an entry point's main() run in-process, as the command line gives it.
+
+    `main` is a function or a module name ("torch_impl.run_cnn")."""
+    if isinstance(main, str):
+        main = importlib.import_module(main).main
+    try:
+        run_main(main, argv)
+    except SystemExit as exc:
+        return exc.code
+    return 0
+
+
+def metrics(out):
+    """The metrics.json of a run directory."""
+    return json.loads((Path(out) / "metrics.json").read_text())
+
+
+def error_line(capsys):
+    """The one error sentence on stderr (after any progress bars), with no traceback."""
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.count("error: ") == 1, err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("error: "), err
+    return last
+
+
+def expect_exit(capsys, main, argv, code, *words):
+    """Run main(argv) in-process; assert the exit code and one error sentence naming `words`."""
+    assert call(main, argv) == code
+    line = error_line(capsys)
+    for word in words:
+        assert word in line, line
+    return line
+
+
+def random_shared_weights(task, input_shape, num_classes=10, seed=0, scale=0.1):
+    """Random tensors in the shared weights format (batch-norm variances positive)."""
+    rng = np.random.default_rng(seed)
+    shapes = (cnn_parameter_shapes(input_shape, num_classes) if task == "classification"
+              else mlp_parameter_shapes(input_shape[-1]))
+    tensors = {}
+    for name, shape in shapes.items():
+        value = rng.normal(0.0, scale, shape)
+        if name.endswith("running_var") or (name.startswith("bn") and name.endswith(".weight")):
+            value = 1.0 + np.abs(value)
+        tensors[name] = value.astype(np.float32)
+    return tensors
+
+
+@pytest.fixture
+def spawn():
+    """Start entry points as subprocesses; any still running at the end are killed."""
+    started = []
+
+    def start(module, argv, log):
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "TF_CPP_MIN_LOG_LEVEL": "2"}
+        proc = subprocess.Popen([sys.executable, "-m", module, *argv], cwd=REPO, env=env,
+                                stdout=log, stderr=subprocess.STDOUT)
+        started.append(proc)
+        return proc
+
+    yield start
+    for proc in started:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
