@@ -1,7 +1,7 @@
 """The command line every ``run_*`` module shares.
 
-``build_parser`` gives the shared flags; an implementation adds its own
-(``--compile`` in torch, ``--api``/``--loop`` in TF2) before ``parse_args``.
+``build_parser`` gives the shared flags, ``--fast`` among them (each framework's
+``fast.py`` variants); TF2 adds ``--api``/``--loop`` before ``parse_args``.
 Nonsense values are rejected by the parser itself, with the valid choices.
 """
 import argparse
@@ -63,6 +63,9 @@ def build_parser(module, kind, description):
                         help="continue an interrupted run in its --out directory")
     parser.add_argument("--deterministic", action="store_true",
                         help="seeded, deterministic kernels: same seed, same numbers")
+    parser.add_argument("--fast", action="store_true",
+                        help="the measured speed variants of this framework's fast.py (same "
+                             "function, proven by the parity tests)")
     return parser
 
 

@@ -36,13 +36,13 @@ import sys
 import torch
 from common.datasets import load_dataset
 from common.weights import save_weights, weights_metadata
-from torch_impl.models import CNNClassifier, MLPRegressor, export_weights
+from torch_impl.models import build_cnn, build_mlp, export_weights
 task, dataset_name, data_dir, seed, path = sys.argv[1:]
 kind = "image" if task == "cnn" else "tabular"
 dataset = load_dataset(dataset_name, kind, data_dir, int(seed))
 torch.manual_seed(int(seed))
-model = (CNNClassifier(dataset.input_shape, dataset.num_classes) if task == "cnn"
-         else MLPRegressor(dataset.input_shape[-1]))
+model = (build_cnn(dataset.input_shape, dataset.num_classes) if task == "cnn"
+         else build_mlp(dataset.input_shape[-1]))
 save_weights(path, export_weights(model), weights_metadata(dataset, "torch (initial)"))
 """
 

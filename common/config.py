@@ -26,11 +26,12 @@ BN_MOMENTUM = 0.1
 # MLP regression: in -> 100 -> 100 -> 1 with ReLU.
 MLP_HIDDEN = (100, 100)
 
-# CNN classification: three blocks of (conv 3x3 'same', batch norm, 2x2 max pool,
-# ReLU), then fc 100, ReLU, dropout, fc 100, ReLU, fc classes. The textbook block
-# is conv, batch norm, ReLU, pool; ReLU and max pool commute (relu(max(a, b)) =
-# max(relu(a), relu(b))), so pooling first computes the same function with the
-# ReLU (forward and backward) on a quarter of the elements.
+# CNN classification: three blocks of (conv 3x3 'same', batch norm, ReLU, 2x2 max
+# pool), the textbook order, then fc 100, ReLU, dropout, fc 100, ReLU, fc classes.
+# A convolution followed by batch norm has no bias: batch norm subtracts the batch
+# mean, which removes any per-channel constant, and its shift (beta) takes the bias's
+# place. (Pooling before the ReLU computes the same function faster: the two
+# commute. That variant lives in each framework's fast.py.)
 CNN_FILTERS = (32, 32, 32)
 CNN_KERNEL = 3
 CNN_POOL = 2
@@ -71,13 +72,13 @@ class CNNShape:
 
 
 def cnn_parameter_shapes(input_shape, num_classes):
-    """Shared-format tensor names and shapes (torch's state_dict, no num_batches_tracked)."""
+    """Shared-format tensor names and shapes (torch's state_dict, no num_batches_tracked;
+    no conv biases: each convolution is followed by batch norm)."""
     shape = CNNShape(tuple(input_shape), num_classes)
     shapes = {}
     in_ch = shape.in_channels
     for i, out_ch in enumerate(CNN_FILTERS, start=1):
         shapes[f"conv{i}.weight"] = (out_ch, in_ch, CNN_KERNEL, CNN_KERNEL)
-        shapes[f"conv{i}.bias"] = (out_ch,)
         for p in ("weight", "bias", "running_mean", "running_var"):
             shapes[f"bn{i}.{p}"] = (out_ch,)
         in_ch = out_ch

@@ -26,11 +26,14 @@ class NonFiniteLossError(Exception):
     exit_code = 3
 
 
-class Interrupted(Exception):
-    """Training stopped on SIGINT/SIGTERM after the current batch."""
+class Interrupted(BaseException):
+    """SIGINT/SIGTERM arrived: training stops where it is (the epoch is abandoned).
 
-    def __init__(self, signum, epoch):
-        super().__init__(f"signal {signum} during epoch {epoch}")
+    A BaseException, like KeyboardInterrupt, so that no ``except Exception`` in a
+    library on the way up swallows it.
+    """
+
+    def __init__(self, signum, message=""):
+        super().__init__(message or f"signal {signum}")
         self.signum = signum
-        self.epoch = epoch
         self.exit_code = 128 + signum

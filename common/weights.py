@@ -2,7 +2,8 @@
 
 float32 tensors named and shaped exactly like ``torch_impl``'s
 ``model.state_dict()`` without ``num_batches_tracked`` (``fc1.weight`` (out, in),
-``conv1.weight`` (out, in, kh, kw), ``bn1.running_var``, ...), the first dense
+``conv1.weight`` (out, in, kh, kw), ``bn1.running_var``, ...; no ``convN.bias``:
+a convolution followed by batch norm has none), the first dense
 layer after the flatten in torch's (C, H, W) flatten order. The metadata holds
 the task, dataset, input shape, number of classes, normalisation statistics and
 the implementation that wrote the file (safetensors metadata is str -> str, so
@@ -63,6 +64,12 @@ def check_tensors(path, tensors, expected):
         raise WeightsError(f"{path} lacks tensor {missing[0]!r} (shape {expected[missing[0]]}); "
                            f"it was written for another architecture")
     extra = [k for k in tensors if k not in expected]
+    conv_bias = [k for k in extra if k.startswith("conv") and k.endswith(".bias")]
+    if conv_bias:
+        bn = conv_bias[0].replace("conv", "bn").replace(".bias", ".running_mean")
+        raise WeightsError(f"{path} has tensor {conv_bias[0]!r}, a convolution bias before batch "
+                           f"norm, which this format leaves out; subtract it from {bn!r} and "
+                           f"drop it, or export the model again")
     if extra:
         raise WeightsError(f"{path} has unexpected tensor {extra[0]!r}; it was written for "
                            f"another architecture")

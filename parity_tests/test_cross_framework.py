@@ -9,8 +9,6 @@ the shared format), train a few epochs on the same split and batches, and write
 implementation's smoke tests).
 """
 import csv
-import importlib
-import json
 
 import numpy as np
 import pytest
@@ -18,7 +16,8 @@ import torch
 
 from common.datasets import load_dataset
 from common.weights import save_weights, weights_metadata
-from torch_impl.models import CNNClassifier, MLPRegressor, export_weights
+from parity_tests.conftest import call, metrics
+from torch_impl.models import build_cnn, build_mlp, export_weights
 
 ENTRY_POINTS = {
     "cnn": ["torch_impl.run_cnn", "tf2_impl.run_cnn", "tf2_impl.run_cnn_keras", "tf1_compat.run_cnn"],
@@ -33,15 +32,15 @@ BAND = {"cnn": ("accuracy", 0.05), "mlp": ("r2", 0.05)}
 
 
 def _run(module, argv):
-    importlib.import_module(module).main(argv)
+    assert call(module, argv) == 0, module
 
 
 def _initial_weights(task, path):
     kind = "image" if task == "cnn" else "tabular"
     dataset = load_dataset(DATASET[task], kind, seed=0)
     torch.manual_seed(0)
-    model = (CNNClassifier(dataset.input_shape, dataset.num_classes) if task == "cnn"
-             else MLPRegressor(dataset.input_shape[-1]))
+    model = (build_cnn(dataset.input_shape, dataset.num_classes) if task == "cnn"
+             else build_mlp(dataset.input_shape[-1]))
     save_weights(path, export_weights(model), weights_metadata(dataset, "torch (initial)"))
 
 
@@ -61,10 +60,6 @@ def trained(request, tmp_path_factory):
     return task, root, runs
 
 
-def _metrics(run_dir):
-    return json.loads((run_dir / "metrics.json").read_text())
-
-
 def _predictions(run_dir):
     with open(run_dir / "predictions.csv", newline="") as f:
         return list(csv.DictReader(f))
@@ -73,8 +68,8 @@ def _predictions(run_dir):
 def test_convergence_from_the_same_initial_weights(trained):
     task, _, runs = trained
     metric, band = BAND[task]
-    finals = {m: _metrics(d)["test"][metric] for m, d in runs.items()}
-    assert all(len(_metrics(d)["epochs"]) == EPOCHS for d in runs.values())
+    finals = {m: metrics(d)["test"][metric] for m, d in runs.items()}
+    assert all(len(metrics(d)["epochs"]) == EPOCHS for d in runs.values())
     assert min(finals.values()) > (0.8 if task == "cnn" else 0.6), finals
     assert max(finals.values()) - min(finals.values()) <= band, finals
 
@@ -100,5 +95,22 @@ def test_cross_framework_eval_only_same_predictions_all_entry_points(trained):
                 diff = max(abs(float(a["prediction"]) - float(b["prediction"]))
                            for a, b in zip(got, reference))
             assert diff <= 1e-4, f"{pairs}: largest difference {diff}"
-            np.testing.assert_allclose(_metrics(out)["test"]["loss"], _metrics(run_dir)["test"]["loss"],
+            np.testing.assert_allclose(metrics(out)["test"]["loss"], metrics(run_dir)["test"]["loss"],
                                        rtol=1e-4, err_msg=pairs)
+
+
+@pytest.mark.parametrize("reader", ENTRY_POINTS["cnn"])
+def test_plain_weights_evaluate_identically_in_every_fast_variant(trained, reader, tmp_path):
+    """A CNN trained by the plain torch code, evaluated with --fast by every CNN entry
+    point: the fast variants read the shared format and predict what plain torch does."""
+    task, _, runs = trained
+    if task != "cnn":
+        pytest.skip("the fast variants that change the model are the CNN's")
+    plain = runs["torch_impl.run_cnn"]
+    _run(reader, ["--dataset", DATASET[task], "--eval-only", "--fast", "--weights",
+                  str(plain / "weights.safetensors"), "--device", "cpu", "--out", str(tmp_path)])
+    assert metrics(tmp_path)["variant"] == "fast"
+    got, reference = _predictions(tmp_path), _predictions(plain)
+    assert [r["prediction"] for r in got] == [r["prediction"] for r in reference], reader
+    diff = max(abs(float(a["confidence"]) - float(b["confidence"])) for a, b in zip(got, reference))
+    assert diff <= 1e-4, f"{reader}: largest difference {diff}"

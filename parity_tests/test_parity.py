@@ -1,10 +1,10 @@
 """Cross-framework parity of the shipped models: shapes, forward passes,
 gradients and Adam steps, given the same weights.
 
-Every implementation loads the same shared-format weights (exported from a torch
-model whose batch-norm statistics are made non-trivial) and sees the same
-batches. Inputs are 32x32x3, so the flattened map before fc1 is 32x4x4: more than
-one channel and more than 1x1 spatially, and a wrong flatten order fails.
+Every implementation loads the same shared-format weights (a fresh torch model's,
+with random batch-norm statistics) and sees the same batches. Inputs are 32x32x3, so the
+flattened map before fc1 is 32x4x4: more than one channel and more than 1x1
+spatially, and a wrong flatten order fails.
 Tolerances are for float32 (stated per test); the MLP is also checked against a
 float64 numpy reference. On a machine with a GPU the torch and TF2 checks run
 there too (TF32 is off, see conftest.py).
@@ -15,7 +15,7 @@ import torch
 import tensorflow as tf
 
 from common import config, layout
-from parity_tests.conftest import DEVICES
+from parity_tests.conftest import DEVICES, random_shared_weights
 from tf1_compat import models as tf1_models
 from tf1_compat import train as tf1_train
 from tf2_impl import models as tf2_models
@@ -24,8 +24,8 @@ from torch_impl import models as torch_models
 from torch_impl import train as torch_train
 
 tf1 = tf.compat.v1
-INPUT_SHAPE, CLASSES, FEATURES = (32, 32, 3), 10, 10
-APIS = tf2_models.APIS
+INPUT_SHAPE, CLASSES, FEATURES, APIS = (32, 32, 3), 10, 10, tf2_models.APIS
+TASK = {"cnn": "classification", "mlp": "regression"}
 
 
 def _images(n=8, seed=0):
@@ -38,32 +38,30 @@ def _rows(n=16, seed=0):
     return rng.normal(size=(n, FEATURES)).astype(np.float32), rng.normal(size=(n, 1)).astype(np.float32)
 
 
-def _torch_cnn(seed=0):
+def _shared_weights(task, seed=0):
+    """A fresh torch model's weights, batch-norm statistics made random (not 0/1)."""
     torch.manual_seed(seed)
-    model = torch_models.CNNClassifier(INPUT_SHAPE, CLASSES)
-    with torch.no_grad():  # statistics that are not 0/1, so a wrong batch-norm mapping shows
-        for i in (1, 2, 3):
-            bn = getattr(model, f"bn{i}")
-            bn.running_mean.uniform_(-0.5, 0.5)
-            bn.running_var.uniform_(0.5, 2.0)
-            bn.weight.uniform_(0.5, 1.5)
-            bn.bias.uniform_(-0.2, 0.2)
-    return model
+    weights = torch_models.export_weights(_torch_model(task))
+    random = random_shared_weights("classification", INPUT_SHAPE, CLASSES, seed)
+    return {k: random[k] if k.startswith("bn") else v for k, v in weights.items()}
 
 
-def _shared_cnn_weights(seed=0):
-    return torch_models.export_weights(_torch_cnn(seed))
+def _torch_model(task):
+    return torch_models.build_cnn(INPUT_SHAPE, CLASSES) if task == "cnn" else torch_models.build_mlp(FEATURES)
 
 
-def _shared_mlp_weights(seed=0):
-    torch.manual_seed(seed)
-    return torch_models.export_weights(torch_models.MLPRegressor(FEATURES))
+def _tf2_model(task, api="subclassing"):
+    return (tf2_models.build_cnn(INPUT_SHAPE, CLASSES, api) if task == "cnn"
+            else tf2_models.build_mlp(FEATURES, api))
+
+
+def _tf1_model(task):
+    return tf1_models.build_cnn(INPUT_SHAPE, CLASSES) if task == "cnn" else tf1_models.build_mlp(FEATURES)
 
 
 # -- each implementation's forward pass from shared weights ------------------------------------
 def torch_forward(task, weights, x, device="cpu"):
-    model = (torch_models.CNNClassifier(INPUT_SHAPE, CLASSES) if task == "cnn"
-             else torch_models.MLPRegressor(FEATURES))
+    model = _torch_model(task)
     torch_models.import_weights(model, weights)
     model.to(device).eval()
     inputs = torch.from_numpy(layout.nhwc_to_nchw(x) if task == "cnn" else x).to(device)
@@ -72,17 +70,14 @@ def torch_forward(task, weights, x, device="cpu"):
 
 
 def tf2_forward(task, weights, x, api):
-    model = (tf2_models.build_cnn(api, INPUT_SHAPE, CLASSES) if task == "cnn"
-             else tf2_models.build_mlp(api, FEATURES))
-    model(x[:1], training=False)  # builds the subclassed variant's variables
+    model = _tf2_model(task, api)
     tf2_models.import_weights(model, weights)
     return model(x, training=False).numpy()
 
 
 def tf1_forward(task, weights, x):
     with tf.Graph().as_default():
-        model = (tf1_models.build_cnn_classifier(INPUT_SHAPE, CLASSES) if task == "cnn"
-                 else tf1_models.build_mlp_regressor(FEATURES))
+        model = _tf1_model(task)
         with tf1.Session() as sess:
             tf1_models.import_weights(sess, model, weights)
             return sess.run(model.outputs, tf1_train.feed(model, x))
@@ -92,13 +87,13 @@ def tf1_forward(task, weights, x):
 @pytest.mark.parametrize("input_shape", [(32, 32, 3), (8, 8, 1)])
 def test_shapes_layer_by_layer_torch_vs_keras(input_shape):
     """Every named layer's output shape, torch (NCHW, moved to NHWC) vs Keras functional."""
-    torch_model = torch_models.CNNClassifier(input_shape, CLASSES).eval()
+    torch_model = torch_models.build_cnn(input_shape, CLASSES).eval()
     shapes = {}
     for name in ("conv1", "bn1", "conv2", "bn2", "conv3", "bn3", "fc1", "fc2", "fc3"):
         getattr(torch_model, name).register_forward_hook(
             lambda m, i, out, name=name: shapes.__setitem__(name, tuple(out.shape)))
     torch_model(torch.zeros(2, input_shape[2], *input_shape[:2]))
-    keras_model = tf2_models.build_cnn("functional", input_shape, CLASSES)
+    keras_model = tf2_models.build_cnn(input_shape, CLASSES, "functional")
     for name, shape in shapes.items():
         keras_shape = tuple(keras_model.get_layer(name).output.shape)[1:]
         expected = (shape[2], shape[3], shape[1]) if len(shape) == 4 else shape[1:]
@@ -108,12 +103,12 @@ def test_shapes_layer_by_layer_torch_vs_keras(input_shape):
 @pytest.mark.parametrize("input_shape", [(32, 32, 3), (8, 8, 1)])
 def test_shapes_whole_model_every_implementation(input_shape):
     x = np.zeros((3, *input_shape), np.float32)
-    torch_model = torch_models.CNNClassifier(input_shape, CLASSES).eval()
+    torch_model = torch_models.build_cnn(input_shape, CLASSES).eval()
     assert tuple(torch_model(torch.from_numpy(layout.nhwc_to_nchw(x))).shape) == (3, CLASSES)
     for api in APIS:
-        assert tuple(tf2_models.build_cnn(api, input_shape, CLASSES)(x).shape) == (3, CLASSES)
+        assert tuple(tf2_models.build_cnn(input_shape, CLASSES, api)(x).shape) == (3, CLASSES)
     with tf.Graph().as_default():
-        model = tf1_models.build_cnn_classifier(input_shape, CLASSES)
+        model = tf1_models.build_cnn(input_shape, CLASSES)
         assert model.outputs.shape.as_list() == [None, CLASSES]
 
 
@@ -121,7 +116,7 @@ def test_shapes_whole_model_every_implementation(input_shape):
 @pytest.mark.parametrize("device", DEVICES)
 def test_forward_parity_cnn_flatten_layout_all_implementations(device):
     """Same shared weights -> same logits in torch, the three Keras APIs and the TF1 graph."""
-    weights = _shared_cnn_weights()
+    weights = _shared_weights("cnn")
     x, _ = _images()
     expected = torch_forward("cnn", weights, x, device)
     outputs = {f"tf2-{api}": tf2_forward("cnn", weights, x, api) for api in APIS}
@@ -132,17 +127,17 @@ def test_forward_parity_cnn_flatten_layout_all_implementations(device):
 
 def test_forward_parity_fails_with_a_plain_transpose_of_fc1():
     """The same check with fc1 only transposed (no flatten permutation) must fail."""
-    weights = _shared_cnn_weights()
+    weights = _shared_weights("cnn")
     x, _ = _images()
     expected = torch_forward("cnn", weights, x)
-    model = tf2_models.build_cnn("functional", INPUT_SHAPE, CLASSES)
+    model = tf2_models.build_cnn(INPUT_SHAPE, CLASSES, "functional")
     tf2_models.import_weights(model, weights)
     model.get_layer("fc1").kernel.assign(layout.dense_torch_to_tf(weights["fc1.weight"]))
     assert np.abs(model(x, training=False).numpy() - expected).max() > 1e-2
 
 
 def test_forward_parity_mlp_all_implementations():
-    weights = _shared_mlp_weights()
+    weights = _shared_weights("mlp")
     x, _ = _rows()
     expected = torch_forward("mlp", weights, x)
     assert expected.shape == (16, 1)
@@ -153,34 +148,23 @@ def test_forward_parity_mlp_all_implementations():
 
 # -- gradients ---------------------------------------------------------------------------------
 def torch_gradients(task, weights, x, y):
-    model = (torch_models.CNNClassifier(INPUT_SHAPE, CLASSES) if task == "cnn"
-             else torch_models.MLPRegressor(FEATURES))
+    model = _torch_model(task)
     torch_models.import_weights(model, weights)
     model.eval()  # inference-mode batch norm and no dropout: a deterministic loss
     inputs = torch.from_numpy(layout.nhwc_to_nchw(x) if task == "cnn" else x)
     targets = torch.from_numpy(y)
-    loss = torch_train.compute_loss("classification" if task == "cnn" else "regression",
-                                    model(inputs), targets)
+    loss = torch_train.make_loss(TASK[task])(model(inputs), targets)
     loss.backward()
     return {name: p.grad.numpy() for name, p in model.named_parameters()}
 
 
-def _as_shared(export, build, weights, values):
-    """Gradients in shared names and layouts: load them as the weights of a twin model
-    and export it, so they pass through the same conversions as the weights."""
-    twin = build()
-    return {name: value for name, value in export(twin, weights, values).items()}
-
-
 def tf2_gradients(task, weights, x, y, api):
     def build():
-        model = (tf2_models.build_cnn(api, INPUT_SHAPE, CLASSES) if task == "cnn"
-                 else tf2_models.build_mlp(api, FEATURES))
-        model(x[:1], training=False)
+        model = _tf2_model(task, api)
         tf2_models.import_weights(model, weights)
         return model
     model = build()
-    loss_fn = tf2_train.make_loss("classification" if task == "cnn" else "regression")
+    loss_fn = tf2_train.make_loss(TASK[task])
     with tf.GradientTape() as tape:
         loss = loss_fn(y, model(x, training=False))
     grads = tape.gradient(loss, model.trainable_variables)
@@ -192,10 +176,9 @@ def tf2_gradients(task, weights, x, y, api):
 
 def tf1_gradients(task, weights, x, y):
     with tf.Graph().as_default():
-        model = (tf1_models.build_cnn_classifier(INPUT_SHAPE, CLASSES) if task == "cnn"
-                 else tf1_models.build_mlp_regressor(FEATURES))
+        model = _tf1_model(task)
         trainable = tf1.trainable_variables()
-        grads = tf1.gradients(model.loss, trainable)
+        grads = tf1.gradients(tf1_train.make_loss(TASK[task], model), trainable)
         with tf1.Session() as sess:
             tf1_models.import_weights(sess, model, weights)
             values = sess.run(grads, tf1_train.feed(model, x, y))
@@ -211,7 +194,7 @@ def _compare_gradients(expected, got, name, atol):
 
 def test_gradients_cnn_torch_tape_tf1():
     """dL/dparam on one batch: autograd, GradientTape (three APIs) and tf.gradients."""
-    weights = _shared_cnn_weights()
+    weights = _shared_weights("cnn")
     x, labels = _images()
     expected = torch_gradients("cnn", weights, x, labels)
     assert set(expected) == {k for k in weights if "running" not in k}
@@ -238,7 +221,7 @@ def _numpy_mlp_gradients(weights, x, y):
 
 
 def test_gradients_mlp_match_numpy_reference():
-    weights = _shared_mlp_weights()
+    weights = _shared_weights("mlp")
     x, y = _rows()
     expected = _numpy_mlp_gradients(weights, x, y)
     _compare_gradients(expected, torch_gradients("mlp", weights, x, y), "torch", 1e-6)
@@ -253,33 +236,27 @@ def _batches(task, steps):
 
 
 def torch_adam(task, weights, batches):
-    model = (torch_models.CNNClassifier(INPUT_SHAPE, CLASSES) if task == "cnn"
-             else torch_models.MLPRegressor(FEATURES))
+    model = _torch_model(task)
     torch_models.import_weights(model, weights)
     model.train()
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, betas=(config.ADAM_BETA1, config.ADAM_BETA2),
-                                 eps=config.ADAM_EPS)
+    loss_fn, optimizer = torch_train.make_loss(TASK[task]), torch_train.make_optimizer(model, 1e-3)
     for t, (x, y) in enumerate(batches, start=1):
         # Keras and TF1 add eps to sqrt(v) before the bias correction, torch after it
         # (test_pitfall_adam_eps_default_1e8_vs_1e7): this eps makes torch's update theirs.
         optimizer.param_groups[0]["eps"] = config.ADAM_EPS / np.sqrt(1 - config.ADAM_BETA2 ** t)
         inputs = torch.from_numpy(layout.nhwc_to_nchw(x) if task == "cnn" else x)
         optimizer.zero_grad()
-        loss = torch_train.compute_loss("classification" if task == "cnn" else "regression",
-                                        model(inputs), torch.from_numpy(y))
+        loss = loss_fn(model(inputs), torch.from_numpy(y))
         loss.backward()
         optimizer.step()
     return torch_models.export_weights(model)
 
 
 def tf2_adam(task, weights, batches):
-    model = (tf2_models.build_cnn("subclassing", INPUT_SHAPE, CLASSES) if task == "cnn"
-             else tf2_models.build_mlp("subclassing", FEATURES))
-    model(batches[0][0][:1], training=False)
+    model = _tf2_model(task)
     tf2_models.import_weights(model, weights)
-    step, _ = tf2_train.make_train_step(model, tf2_train.make_optimizer(1e-3),
-                                        "classification" if task == "cnn" else "regression",
-                                        INPUT_SHAPE if task == "cnn" else (FEATURES,))
+    step = tf2_train.make_train_step(model, tf2_train.make_loss(TASK[task]),
+                                     tf2_train.make_optimizer(model, 1e-3))
     for x, y in batches:
         step(tf.constant(x), tf.constant(y))
     return tf2_models.export_weights(model)
@@ -287,9 +264,9 @@ def tf2_adam(task, weights, batches):
 
 def tf1_adam(task, weights, batches):
     with tf.Graph().as_default():
-        model = (tf1_models.build_cnn_classifier(INPUT_SHAPE, CLASSES) if task == "cnn"
-                 else tf1_models.build_mlp_regressor(FEATURES))
-        train_op = tf1_train.adam_train_op(model, 1e-3)
+        model = _tf1_model(task)
+        train_op = tf1_train.make_train_step(tf1_train.make_optimizer(1e-3),
+                                             tf1_train.make_loss(TASK[task], model))
         with tf1.Session() as sess:
             sess.run(tf1.global_variables_initializer())
             tf1_models.import_weights(sess, model, weights)
@@ -302,24 +279,20 @@ def tf1_adam(task, weights, batches):
 @pytest.mark.parametrize("task", ["mlp", "cnn"])
 def test_adam_steps_agree_with_matched_defaults(task, steps, monkeypatch):
     """After 1 and 10 Adam steps (lr 1e-3, eps 1e-8) from the same weights on the same
-    batches, every parameter agrees. Dropout is switched off (its masks come from each
-    framework's own RNG); batch norm runs on batch statistics, and every framework folds
-    the unbiased batch variance into its moving variance (tf2_impl's fused layer).
-    A conv bias just before batch norm has an exactly-zero true gradient (the batch
-    mean removes it), so its computed gradient is rounding noise that Adam scales up
-    to lr-sized steps: those are only held to one lr per step, and so is the batch
-    norm's running mean, which averages the batch means that carry that bias."""
+    batches, every parameter agrees, through each framework's make_loss, make_optimizer
+    and training step. Dropout is switched off (its masks come from each
+    framework's own RNG); batch norm runs on batch statistics. torch and TF1 fold the
+    unbiased batch variance into the moving variance, Keras's BatchNormalization the
+    biased one: its running_var is held to 0.1 * var / (n - 1) per step more (n = N*H*W
+    >= 1280 here, so 1e-4 per step)."""
     monkeypatch.setattr(config, "DROPOUT", 0.0)
-    weights = _shared_cnn_weights() if task == "cnn" else _shared_mlp_weights()
+    weights = _shared_weights(task)
     batches = _batches(task, steps)
     expected = torch_adam(task, weights, batches)
     moved = max(np.abs(expected[k] - weights[k]).max() for k in expected)
     assert moved > 0.5e-3 * steps * 0.5  # the weights really moved
     for name, got in (("tf2", tf2_adam(task, weights, batches)), ("tf1", tf1_adam(task, weights, batches))):
         for param, value in expected.items():
-            if (param.startswith("conv") and param.endswith("bias")) or param.endswith("running_mean"):
-                np.testing.assert_allclose(got[param], value, atol=1e-3 * steps,
-                                           err_msg=f"{name} {param}")
-            else:
-                np.testing.assert_allclose(got[param], value, atol=2e-5 * steps, rtol=1e-3,
-                                           err_msg=f"{name} {param}")
+            atol = 1e-4 * steps if name == "tf2" and param.endswith("running_var") else 2e-5 * steps
+            np.testing.assert_allclose(got[param], value, atol=atol, rtol=1e-3,
+                                       err_msg=f"{name} {param}")

@@ -5,9 +5,7 @@ The interrupt tests send a real signal to a real subprocess once its log shows a
 completed epoch, then ``--resume`` it and compare with an uninterrupted run of
 the same seed: ``predictions.csv`` and the test metrics must be identical.
 """
-import importlib
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -19,10 +17,11 @@ import numpy as np
 import pytest
 
 from common import outputs
-from common.runner import CHECKPOINTS, STATE, TrainingRun, run_main
+from common.errors import Interrupted
+from common.runner import CHECKPOINTS, STATE, StopSignal, TrainingRun
 from common.weights import read_weights, save_weights
+from parity_tests.conftest import REPO, call
 
-REPO = Path(__file__).resolve().parents[1]
 RUNNERS = ["torch_impl.run_cnn", "torch_impl.run_nn", "tf2_impl.run_cnn", "tf2_impl.run_cnn_keras",
            "tf2_impl.run_nn", "tf2_impl.run_nn_keras", "tf1_compat.run_cnn", "tf1_compat.run_nn"]
 # Small data and small batches: epochs long enough for a signal to land inside one.
@@ -31,35 +30,7 @@ SMALL = {"cnn": ["--dataset", "digits", "--batch-size", "20"],
 
 
 def _small(module):
-    return SMALL["cnn" if module.endswith("cnn") or module.endswith("cnn_keras") else "nn"]
-
-
-def _main(module, argv):
-    """Run an entry point in-process the way the command line does; returns the exit code."""
-    try:
-        run_main(importlib.import_module(module).main, argv)
-    except SystemExit as exc:
-        return exc.code
-    return 0
-
-
-@pytest.fixture
-def spawn():
-    """Start entry points as subprocesses; any still running at the end are killed."""
-    started = []
-
-    def start(module, argv, log):
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "TF_CPP_MIN_LOG_LEVEL": "2"}
-        proc = subprocess.Popen([sys.executable, "-m", module, *argv], cwd=REPO, env=env,
-                                stdout=log, stderr=subprocess.STDOUT)
-        started.append(proc)
-        return proc
-
-    yield start
-    for proc in started:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    return SMALL["cnn" if "cnn" in module else "nn"]
 
 
 def _wait_for(path, text, proc, timeout=240):
@@ -109,23 +80,23 @@ def test_interrupt_in_epoch_1_then_resume_starts_over(module, tmp_path, monkeypa
     """A real SIGINT (raised in-process) during the first epoch, before anything is saved:
     exit 130 with the resume hint, and --resume, as the hint says, starts the run over
     from epoch 1 and ends where an uninterrupted run ends."""
-    real_check_stop = TrainingRun.check_stop
+    real_start_epoch = TrainingRun.start_epoch
 
     def signal_during_epoch_1(self, epoch):
-        if epoch == 1 and not self.stop.requested:
+        real_start_epoch(self, epoch)
+        if epoch == 1:
             signal.raise_signal(signal.SIGINT)  # lands in the runner's own handler
-        return real_check_stop(self, epoch)
 
     argv = [*_small(module), "--epochs", "2", "--seed", "4", "--deterministic", "--device", "cpu"]
-    monkeypatch.setattr(TrainingRun, "check_stop", signal_during_epoch_1)
-    assert _main(module, [*argv, "--out", str(tmp_path / "cut")]) == 130
+    monkeypatch.setattr(TrainingRun, "start_epoch", signal_during_epoch_1)
+    assert call(module, [*argv, "--out", str(tmp_path / "cut")]) == 130
     monkeypatch.undo()
     printed = capsys.readouterr()
     assert f"--resume {tmp_path / 'cut'}" in printed.out + printed.err
     assert not (tmp_path / "cut" / CHECKPOINTS / STATE).exists()
-    assert _main(module, ["--resume", str(tmp_path / "cut")]) == 0
+    assert call(module, ["--resume", str(tmp_path / "cut")]) == 0
     assert "starting it again from epoch 1" in (tmp_path / "cut" / "run.log").read_text()
-    assert _main(module, [*argv, "--out", str(tmp_path / "full")]) == 0
+    assert call(module, [*argv, "--out", str(tmp_path / "full")]) == 0
     assert (tmp_path / "cut" / "predictions.csv").read_bytes() == \
         (tmp_path / "full" / "predictions.csv").read_bytes()
 
@@ -134,7 +105,7 @@ def test_interrupt_in_epoch_1_then_resume_starts_over(module, tmp_path, monkeypa
 def test_deterministic_double_run_bit_identical(module, tmp_path):
     argv = [*_small(module), "--epochs", "2", "--seed", "5", "--deterministic", "--device", "cpu"]
     for name in ("a", "b"):
-        assert _main(module, [*argv, "--out", str(tmp_path / name)]) == 0
+        assert call(module, [*argv, "--out", str(tmp_path / name)]) == 0
     assert _test_metrics(tmp_path / "a") == _test_metrics(tmp_path / "b")
     assert (tmp_path / "a" / "predictions.csv").read_bytes() == \
         (tmp_path / "b" / "predictions.csv").read_bytes()
@@ -144,10 +115,28 @@ def test_deterministic_double_run_bit_identical(module, tmp_path):
         np.testing.assert_array_equal(a[name], b[name], err_msg=name)
 
 
+def test_a_signal_while_saving_waits_for_the_write_to_end():
+    """The runner's handler raises at once, except inside deferred(): there the
+    write finishes first and the stop follows it."""
+    stop = StopSignal(lambda signum: f"stopped by {signum}")
+    stop.install()
+    written = []
+    try:
+        with pytest.raises(Interrupted) as raised:
+            with stop.deferred():
+                signal.raise_signal(signal.SIGTERM)
+                written.append("checkpoint")
+        assert written == ["checkpoint"] and raised.value.exit_code == 128 + signal.SIGTERM
+        with pytest.raises(Interrupted, match="stopped by"):
+            signal.raise_signal(signal.SIGINT)
+    finally:
+        stop.uninstall()
+
+
 # -- non-finite losses ---------------------------------------------------------------------------
 @pytest.mark.parametrize("module", RUNNERS)
 def test_nan_from_huge_learning_rate_exits_3(module, tmp_path, capsys):
-    code = _main(module, [*_small(module), "--epochs", "2", "--lr", "1e9", "--device", "cpu",
+    code = call(module, [*_small(module), "--epochs", "2", "--lr", "1e9", "--device", "cpu",
                           "--out", str(tmp_path / "run")])
     assert code == 3
     err = capsys.readouterr().err
@@ -161,19 +150,19 @@ def test_nan_injected_in_epoch_2_keeps_the_best_checkpoint(module, tmp_path, mon
     (never overwritten) resumes to a normal finish."""
     real_end_epoch = TrainingRun.end_epoch
 
-    def poisoned(self, epoch, train, val, seconds):
+    def poisoned(self, epoch, train, val):
         if epoch == 2:
             train = {**train, "loss": float("nan")}
-        return real_end_epoch(self, epoch, train, val, seconds)
+        return real_end_epoch(self, epoch, train, val)
 
     out = tmp_path / "run"
     monkeypatch.setattr(TrainingRun, "end_epoch", poisoned)
-    assert _main(module, [*_small(module), "--epochs", "3", "--device", "cpu", "--out", str(out)]) == 3
+    assert call(module, [*_small(module), "--epochs", "3", "--device", "cpu", "--out", str(out)]) == 3
     state = json.loads((out / "checkpoint" / "state.json").read_text())
     assert state["best_epoch"] == 1 and len(state["history"]) == 1
     assert any(p.name.startswith(state["best_checkpoint"]) for p in (out / "checkpoint").iterdir())
     monkeypatch.setattr(TrainingRun, "end_epoch", real_end_epoch)
-    assert _main(module, ["--resume", str(out)]) == 0
+    assert call(module, ["--resume", str(out)]) == 0
     assert len(json.loads((out / "metrics.json").read_text())["epochs"]) == 3
 
 
@@ -220,7 +209,7 @@ def weights_files(tmp_path_factory):
     files = {}
     for task, module in (("cnn", "torch_impl.run_cnn"), ("nn", "torch_impl.run_nn")):
         out = root / task
-        assert _main(module, [*SMALL[task], "--epochs", "1", "--device", "cpu", "--out", str(out)]) == 0
+        assert call(module, [*SMALL[task], "--epochs", "1", "--device", "cpu", "--out", str(out)]) == 0
         good = out / "weights.safetensors"
         tensors, meta = read_weights(good)
         files[f"{task}-good"] = good
@@ -233,6 +222,9 @@ def weights_files(tmp_path_factory):
         missing = root / f"{task}-missing.safetensors"
         save_weights(missing, {k: v for k, v in tensors.items() if k != "fc2.bias"}, meta)
         files[f"{task}-missing"] = missing
+    conv_bias = root / "cnn-conv-bias.safetensors"
+    save_weights(conv_bias, {**read_weights(files["cnn-good"])[0], "conv1.bias": np.zeros(32)}, meta)
+    files["cnn-conv-bias"] = conv_bias
     return files
 
 
@@ -242,12 +234,17 @@ def weights_files(tmp_path_factory):
     ("other-architecture", "it was written for another architecture"),
     ("extra", "has unexpected tensor 'fc4.weight'"),
     ("missing", "lacks tensor 'fc2.bias'"),
+    ("conv-bias", "has tensor 'conv1.bias', a convolution bias before batch norm"),
 ])
 def test_weights_that_do_not_fit_exit_2(module, case, message, weights_files, tmp_path, capsys):
+    """Every runner refuses a weights file that does not fit, in one sentence; a file of
+    the first round, with conv biases, is told how to fold them into batch norm."""
     task = "cnn" if "cnn" in module else "nn"
+    if case == "conv-bias" and task == "nn":
+        pytest.skip("the MLP has no convolutions")
     other = "nn" if task == "cnn" else "cnn"
     path = weights_files[f"{other}-good" if case == "other-architecture" else f"{task}-{case}"]
-    code = _main(module, [*_small(module), "--eval-only", "--weights", str(path), "--device", "cpu",
+    code = call(module, [*_small(module), "--eval-only", "--weights", str(path), "--device", "cpu",
                           "--out", str(tmp_path / "run")])
     err = capsys.readouterr().err
     assert code == 2, err

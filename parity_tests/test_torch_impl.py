@@ -1,61 +1,33 @@
-"""Tests of torch_impl: shapes, convergence, the scratch MLP's gradients,
+"""Tests of torch_impl: shapes, the data feed, convergence, the scratch MLP's gradients,
 weights and checkpoints, the entry points' flags, outputs and exit codes.
 
 Entry points run in-process through ``common.runner.run_main`` (one subprocess
 checks the real command line), on the bundled digits and generated friedman data.
+The ``--fast`` variants are tested in ``test_fast_torch.py``.
 """
-import json
-import os
 import signal
 import subprocess
 import sys
-from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from common.config import cnn_parameter_shapes, mlp_parameter_shapes
+from common.datasets import batch_indices
 from common.errors import WeightsError
-from common.runner import TrainingRun, run_main
+from common.runner import TrainingRun
 from common.weights import load_weights, save_weights
+from parity_tests.conftest import REPO, call, error_line, expect_exit, metrics, random_shared_weights
 from torch_impl import run_cnn, run_nn, scratch
-from torch_impl.models import CNNClassifier, MLPRegressor, export_weights, import_weights
-from torch_impl.train import load_checkpoint, save_checkpoint
+from torch_impl.models import build_cnn, build_mlp, export_weights, import_weights
+from torch_impl.train import (load_checkpoint, make_batches, make_loss, make_optimizer,
+                              save_checkpoint)
 
-ROOT = Path(__file__).resolve().parents[1]
 CNN_FILES = ("metrics.json", "predictions.csv", "curves.png", "run.log", "weights.safetensors",
              "run_config.json")
-
-
-@pytest.fixture(autouse=True)
-def restore_process_state():
-    """main() installs signal handlers, and --deterministic sets torch flags and
-    environment variables: give the rest of the pytest process its own back."""
-    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    deterministic = torch.are_deterministic_algorithms_enabled()
-    environ = dict(os.environ)
-    yield
-    for s, handler in handlers.items():
-        signal.signal(s, handler)
-    if torch.are_deterministic_algorithms_enabled() != deterministic:
-        torch.use_deterministic_algorithms(deterministic)  # imports torch._inductor: only if needed
-    os.environ.clear()
-    os.environ.update(environ)
-
-
-def call(main, argv):
-    """Exit code of an entry point run in-process, as the command line would give it."""
-    try:
-        run_main(main, argv)
-    except SystemExit as exc:
-        return exc.code
-    return 0
-
-
-def metrics(out):
-    return json.loads((Path(out) / "metrics.json").read_text())
 
 
 @pytest.fixture(scope="module")
@@ -90,16 +62,17 @@ def layer_shapes(model, x):
 ])
 def test_cnn_layer_shapes(input_shape, expected):
     h, w, c = input_shape
-    model = CNNClassifier(input_shape, 10)
+    model = build_cnn(input_shape, 10)
     shapes, output = layer_shapes(model, torch.randn(4, c, h, w))
     assert shapes == expected
     assert output == (4, 10)
     assert {k: tuple(v.shape) for k, v in export_weights(model).items()} == \
         cnn_parameter_shapes(input_shape, 10)
+    assert all(conv.bias is None for conv in (model.conv1, model.conv2, model.conv3))
 
 
 def test_mlp_shapes():
-    model = MLPRegressor(10)
+    model = build_mlp(10)
     shapes, output = layer_shapes(model, torch.randn(7, 10))
     assert shapes == [("fc1", (7, 100)), ("fc2", (7, 100)), ("fc3", (7, 1))]
     assert output == (7, 1)
@@ -107,6 +80,7 @@ def test_mlp_shapes():
 
 
 def test_course_exercise_shapes():
+    """Documentation of torch's shape rules (library behaviour only)."""
     # Meta tensors carry shapes and dtypes but no data: the shape rules without the compute.
     images = torch.empty(32, 3, 128, 128, device="meta")
     assert nn.Conv2d(3, 64, 3, device="meta")(images).shape == (32, 64, 126, 126)
@@ -115,26 +89,23 @@ def test_course_exercise_shapes():
     assert nn.Conv1d(3, 6, 5, device="meta")(signals).shape == (10, 6, 46)
 
 
-def test_pool_before_relu_is_the_textbook_block():
-    """The shipped CNN pools before its ReLU; the course manual's (the benchmark baseline's)
-    ReLU comes first. Max pool and ReLU commute, so outputs and gradients are the same."""
-    from benchmarks.baselines import _manual_cnn_class
+# -- data, loss and optimizer ------------------------------------------------------------
+@pytest.mark.parametrize("seed", [None, 0])
+def test_make_batches_yields_the_shared_batch_order(seed):
+    x = torch.arange(23, dtype=torch.float32).reshape(23, 1)
+    y = torch.arange(23)
+    got = [(inputs, targets) for inputs, targets in make_batches(x, y, 5, seed, epoch=3)]
+    order = batch_indices(23, 5, seed, 3, shuffle=seed is not None)
+    assert [t.tolist() for _, t in got] == [index.tolist() for index in order]
+    assert all(torch.equal(inputs[:, 0].long(), targets) for inputs, targets in got)
 
-    torch.manual_seed(0)
-    shipped = CNNClassifier((16, 16, 3), 10).double()
-    textbook = _manual_cnn_class()((16, 16, 3), 10).double()
-    textbook.load_state_dict(shipped.state_dict())
-    x = torch.randn(6, 3, 16, 16, dtype=torch.float64)
-    outputs = []
-    for model in (shipped, textbook):
-        model.eval()  # dropout off; batch norm from the (shared) running statistics
-        out = model(x)
-        out.square().sum().backward()
-        outputs.append((out.detach(), {k: p.grad for k, p in model.named_parameters()}))
-    (out_a, grads_a), (out_b, grads_b) = outputs
-    torch.testing.assert_close(out_a, out_b, rtol=1e-12, atol=1e-12)
-    for name, grad in grads_a.items():
-        torch.testing.assert_close(grad, grads_b[name], rtol=1e-10, atol=1e-12, msg=name)
+
+def test_loss_and_optimizer():
+    assert isinstance(make_loss("classification"), nn.CrossEntropyLoss)
+    assert isinstance(make_loss("regression"), nn.MSELoss)
+    optimizer = make_optimizer(build_mlp(3), 0.01)
+    assert isinstance(optimizer, torch.optim.Adam)
+    assert optimizer.defaults["lr"] == 0.01 and optimizer.defaults["eps"] == 1e-8
 
 
 # -- the scratch MLP ---------------------------------------------------------------------
@@ -166,12 +137,12 @@ def test_scratch_trains_on_digits(capsys):
 # -- weights and checkpoints -------------------------------------------------------------
 def test_shared_weights_round_trip(tmp_path):
     torch.manual_seed(0)
-    model = CNNClassifier((8, 8, 1), 10)
+    model = build_cnn((8, 8, 1), 10)
     model(torch.randn(16, 1, 8, 8))  # a training-mode pass moves the batch-norm statistics
     path = tmp_path / "weights.safetensors"
     save_weights(path, export_weights(model), {"task": "classification"})
     tensors, _ = load_weights(path, "classification", (8, 8, 1), 10)
-    fresh = import_weights(CNNClassifier((8, 8, 1), 10), tensors)
+    fresh = import_weights(build_cnn((8, 8, 1), 10), tensors)
     x = torch.randn(5, 1, 8, 8)
     with torch.no_grad():
         assert torch.equal(model.eval()(x), fresh.eval()(x))
@@ -179,16 +150,19 @@ def test_shared_weights_round_trip(tmp_path):
 
 
 def test_native_checkpoint_round_trip(tmp_path):
-    model = MLPRegressor(4)
-    optimizer = torch.optim.Adam(model.parameters())
+    model = build_mlp(4)
+    optimizer = make_optimizer(model, 1e-3)
     model(torch.randn(8, 4)).square().mean().backward()
     optimizer.step()
-    path = save_checkpoint(tmp_path / "last.pt", model, optimizer, epoch=7)
-    other = MLPRegressor(4)
-    other_optimizer = torch.optim.Adam(other.parameters())
-    assert load_checkpoint(path, other, other_optimizer) == 7
+    path = tmp_path / "epoch0007"  # the runner's name; torch adds ".pt"
+    assert save_checkpoint(path, model, optimizer) == tmp_path / "epoch0007.pt"
+    other = build_mlp(4)
+    other_optimizer = make_optimizer(other, 1e-3)
+    load_checkpoint(path, other, other_optimizer)
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), other.parameters()))
     torch.testing.assert_close(other_optimizer.state_dict()["state"], optimizer.state_dict()["state"])
+    with pytest.raises(WeightsError, match="does not fit this model"):
+        load_checkpoint(path, build_mlp(5))
 
 
 class RunsCodeWhenUnpickled:
@@ -198,9 +172,16 @@ class RunsCodeWhenUnpickled:
 
 def test_checkpoint_with_python_objects_is_refused(tmp_path, capsys):
     torch.save({"model": RunsCodeWhenUnpickled()}, tmp_path / "bad.pt")
+    model = build_mlp(4)
     with pytest.raises(WeightsError, match="holds Python objects besides tensors"):
-        load_checkpoint(tmp_path / "bad.pt", MLPRegressor(4), torch.optim.Adam(MLPRegressor(4).parameters()))
+        load_checkpoint(tmp_path / "bad", model, make_optimizer(model, 1e-3))
     assert "must not" not in capsys.readouterr().out
+
+
+def test_truncated_checkpoint_is_one_sentence(tmp_path):
+    (tmp_path / "epoch0001.pt").write_bytes(b"PK\x03\x04 truncated")
+    with pytest.raises(WeightsError, match="cannot be read"):
+        load_checkpoint(tmp_path / "epoch0001", build_mlp(4))
 
 
 # -- entry points ------------------------------------------------------------------------
@@ -208,6 +189,7 @@ def test_run_cnn_converges_on_digits_and_writes_outputs(cnn_run):
     m = metrics(cnn_run)
     assert len(m["epochs"]) == 5
     assert m["test"]["accuracy"] > 0.85
+    assert m["variant"] == "plain"
     assert all((cnn_run / name).is_file() for name in CNN_FILES)
     assert len((cnn_run / "predictions.csv").read_text().splitlines()) == 1 + 359
     load_weights(cnn_run / "weights.safetensors", "classification", (8, 8, 1), 10)
@@ -241,14 +223,14 @@ def test_interrupted_run_resumes_to_the_same_predictions(tmp_path, monkeypatch):
     argv = ["--epochs", "3", "--deterministic"]
     assert call(run_cnn.main, [*argv, "--out", str(tmp_path / "whole")]) == 0
 
-    check_stop = TrainingRun.check_stop
+    start_epoch = TrainingRun.start_epoch
 
     def sigint_in_epoch_2(run, epoch):
+        start_epoch(run, epoch)
         if epoch == 2:
-            run.stop.signum = signal.SIGINT  # what the SIGINT handler does
-        check_stop(run, epoch)
+            signal.raise_signal(signal.SIGINT)  # lands in the runner's own handler
 
-    monkeypatch.setattr(TrainingRun, "check_stop", sigint_in_epoch_2)
+    monkeypatch.setattr(TrainingRun, "start_epoch", sigint_in_epoch_2)
     assert call(run_cnn.main, [*argv, "--out", str(tmp_path / "cut")]) == 130
     monkeypatch.undo()
     assert call(run_cnn.main, ["--resume", str(tmp_path / "cut")]) == 0
@@ -258,38 +240,40 @@ def test_interrupted_run_resumes_to_the_same_predictions(tmp_path, monkeypatch):
 
 
 # -- bad input: exit code 2 with one sentence; a non-finite loss: exit code 3 ------------------
-def error_line(capsys):
-    """The one error sentence on stderr (after any progress bars), with no traceback."""
-    err = capsys.readouterr().err
-    assert "Traceback" not in err and err.count("error: ") == 1
-    last = err.strip().splitlines()[-1]
-    assert last.startswith("error: ")
-    return last
-
-
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
 def test_device_cuda_without_gpu(tmp_path, capsys):
-    assert call(run_cnn.main, ["--device", "cuda", "--out", str(tmp_path)]) == 2
-    assert "--device cuda was asked for but no GPU is visible" in error_line(capsys)
+    expect_exit(capsys, run_cnn.main, ["--device", "cuda", "--out", str(tmp_path)], 2,
+                "--device cuda was asked for but no GPU is visible")
 
 
 def test_weights_of_another_architecture(tmp_path, capsys):
     path = tmp_path / "mlp.safetensors"
-    save_weights(path, export_weights(MLPRegressor(10)), {"task": "regression"})
-    assert call(run_cnn.main, ["--weights", str(path), "--out", str(tmp_path / "out")]) == 2
-    assert "lacks tensor 'conv1.weight'" in error_line(capsys)
+    save_weights(path, export_weights(build_mlp(10)), {"task": "regression"})
+    expect_exit(capsys, run_cnn.main, ["--weights", str(path), "--out", str(tmp_path / "out")], 2,
+                "lacks tensor 'conv1.weight'")
 
 
 def test_weights_with_wrong_shapes(tmp_path, capsys):
     path = tmp_path / "cifar_shaped.safetensors"
-    save_weights(path, export_weights(CNNClassifier((32, 32, 3), 10)), {"task": "classification"})
-    assert call(run_cnn.main, ["--weights", str(path), "--eval-only", "--out", str(tmp_path / "out")]) == 2
-    assert "'conv1.weight' has shape (32, 3, 3, 3), expected (32, 1, 3, 3)" in error_line(capsys)
+    save_weights(path, export_weights(build_cnn((32, 32, 3), 10)), {"task": "classification"})
+    argv = ["--weights", str(path), "--eval-only", "--out", str(tmp_path / "out")]
+    expect_exit(capsys, run_cnn.main, argv, 2,
+                "'conv1.weight' has shape (32, 3, 3, 3), expected (32, 1, 3, 3)")
+
+
+def test_weights_with_a_conv_bias_are_refused(tmp_path, capsys):
+    """The format before batch norm's shift replaced the conv bias."""
+    tensors = random_shared_weights("classification", (8, 8, 1))
+    tensors["conv1.bias"] = np.zeros(32, np.float32)
+    path = tmp_path / "old.safetensors"
+    save_weights(path, tensors, {"task": "classification"})
+    argv = ["--weights", str(path), "--eval-only", "--out", str(tmp_path / "out")]
+    expect_exit(capsys, run_cnn.main, argv, 2, "'conv1.bias'")
 
 
 def test_eval_only_without_weights_on_the_command_line():
     result = subprocess.run([sys.executable, "-m", "torch_impl.run_nn", "--eval-only"],
-                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+                            cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert result.stderr.strip() == \
         "error: --eval-only needs --weights PATH (a weights.safetensors file to evaluate)"

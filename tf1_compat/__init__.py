@@ -1,9 +1,11 @@
 """TF1-style graph code through ``tf.compat.v1``: define the graph, then run it in a Session.
 
 The twin of ``torch_impl`` (PyTorch) and ``tf2_impl`` (TensorFlow 2 / Keras 3),
-with the same module names: ``models`` (graph-building functions and the shared
-weights conversion), ``train`` (``train_one_epoch``, ``evaluate``, ``predict``
-over a Session with ``feed_dict``), ``run_nn`` and ``run_cnn`` (entry points), and
+with the same module and function names: ``models`` (graph-building functions
+``build_mlp`` and ``build_cnn`` returning a ``GraphModel``, and the shared weights
+conversion), ``train`` (``make_loss``, ``make_optimizer``, ``train_one_epoch``,
+``evaluate``, ``predict`` over a Session with ``feed_dict``), ``fast`` (the speed
+variants of ``--fast``), ``run_nn`` and ``run_cnn`` (entry points), and
 ``session_basics`` (define-and-run next to eager TF2 and PyTorch autograd).
 
 Every graph is built inside its own ``tf.Graph()``, so this package also works in

@@ -1,15 +1,15 @@
 """The two shared models as TF1-style graphs, and their shared-format weights.
 
 Twins: ``torch_impl/models.py`` (``nn.Module`` classes) and ``tf2_impl/models.py``
-(Keras models). Here a model is not an object holding its layers: a function adds
-placeholders, variables and ops to the current default graph and returns the
-tensors a runner feeds and fetches (``GraphModel``), in the style of slim's
-``nets/lenet.py`` and the classic ``mnist_deep.py``. Nothing is computed until a
-``tf.compat.v1.Session`` runs it.
+(Keras models); the speed variants are in ``tf1_compat/fast.py``. Here a model is
+not an object holding its layers: a function adds placeholders, variables and ops
+to the current default graph and returns the tensors a runner feeds and fetches
+(``GraphModel``), in the style of slim's ``nets/lenet.py``. Nothing is computed
+until a ``tf.compat.v1.Session`` runs it; the loss and the optimizer are added
+afterwards (``train.make_loss``, ``train.make_train_step``).
 
 Call the builders inside ``with tf.Graph().as_default():``; they work with and
-without ``tf.compat.v1.disable_v2_behavior()``. The optimizer's ops are added
-afterwards by ``train.adam_train_op``.
+without ``tf.compat.v1.disable_v2_behavior()``.
 
 Variables come from ``tf.compat.v1.get_variable`` under one variable scope per
 layer, named so that they map one to one onto torch's ``state_dict``:
@@ -18,7 +18,6 @@ layer, named so that they map one to one onto torch's ``state_dict``:
 TF1 variable             TF1 shape          shared (torch) name and shape
 =======================  =================  ====================================
 ``conv1/kernel``         (kh, kw, in, out)  ``conv1.weight`` (out, in, kh, kw)
-``conv1/bias``           (out,)             ``conv1.bias`` (out,)
 ``bn1/gamma``            (C,)               ``bn1.weight`` (C,)
 ``bn1/beta``             (C,)               ``bn1.bias`` (C,)
 ``bn1/moving_mean``      (C,)               ``bn1.running_mean`` (C,)
@@ -38,14 +37,12 @@ import tensorflow as tf
 from common import config, layout
 
 GraphModel = namedtuple("GraphModel", [
-    "inputs",        # placeholder: (N, features) or (N, H, W, C) float32
-    "targets",       # placeholder: (N, 1) float32 (regression) or (N,) int64 class indices
-    "training",      # placeholder_with_default(False, []): batch statistics and dropout when True
-    "dropout_seed",  # placeholder (2,) int64 for the stateless dropout masks; None without dropout
-    "outputs",       # (N, 1) predictions or (N, classes) logits, no softmax
-    "loss",          # scalar: mean squared error or mean cross-entropy
-    "variables",     # {"fc1/kernel": tf.Variable, ...}, in the shared format's order
-    "flatten_chw",   # (C, H, W) flattened before fc1 (CNN), None for the MLP
+    "inputs",       # placeholder: (N, features) or (N, H, W, C) float32
+    "targets",      # placeholder: (N, 1) float32 (regression) or (N,) int64 class indices
+    "training",     # placeholder_with_default(False, []): batch statistics and dropout when True
+    "outputs",      # (N, 1) predictions or (N, classes) logits, no softmax
+    "variables",    # {"fc1/kernel": tf.Variable, ...}, in the shared format's order
+    "flatten_chw",  # (C, H, W) flattened before fc1 (CNN), None for the MLP
 ])
 
 # Kernels start like Keras's Dense/Conv2D (Glorot uniform, zero bias). torch's
@@ -66,93 +63,118 @@ def dense(x, units, name):
 
 
 def conv2d(x, filters, name):
-    """x (N, H, W, in) -> (N, H, W, filters), 3x3 kernel (kh, kw, in, out), stride 1."""
+    """x (N, H, W, in) -> (N, H, W, filters), 3x3 kernel (kh, kw, in, out), stride 1.
+
+    No bias: batch norm follows and subtracts the batch mean, which removes any
+    per-channel constant; its shift (beta) takes the bias's place.
+    """
     with tf.compat.v1.variable_scope(name):
         kernel = tf.compat.v1.get_variable(
             "kernel", [config.CNN_KERNEL, config.CNN_KERNEL, x.shape[-1], filters], tf.float32,
             initializer=KERNEL_INIT())
-        bias = tf.compat.v1.get_variable("bias", [filters], tf.float32,
-                                         initializer=tf.compat.v1.zeros_initializer())
         # "SAME" pads (k-1)/2 = 1 on every side for stride 1 and an odd kernel: symmetric,
         # so it equals torch's padding=1. (With stride 2 or an even kernel TF puts the
         # extra row/column at the bottom/right, which torch cannot express.)
-        y = tf.nn.conv2d(x, kernel, strides=1, padding="SAME")
-        return tf.nn.bias_add(y, bias)
+        return tf.nn.conv2d(x, kernel, strides=1, padding="SAME")
+
+
+def batch_norm_variables(channels):
+    """gamma, beta (trained) and the moving mean and variance (not trained), per channel."""
+    def variable(name, initializer, trainable=True):
+        return tf.compat.v1.get_variable(name, [channels], tf.float32, initializer=initializer,
+                                         trainable=trainable)
+    return (variable("gamma", tf.compat.v1.ones_initializer()),
+            variable("beta", tf.compat.v1.zeros_initializer()),
+            variable("moving_mean", tf.compat.v1.zeros_initializer(), trainable=False),
+            variable("moving_variance", tf.compat.v1.ones_initializer(), trainable=False))
+
+
+def update_moving_averages(moving_mean, moving_variance, mean, variance):
+    """Add the moving-average updates to ``UPDATE_OPS``; only the train step runs them.
+
+    torch: running = (1 - 0.1) * running + 0.1 * batch; the TF1 idiom
+    (``assign_moving_average`` with decay 1 - BN_MOMENTUM = 0.9) is
+    moving -= (1 - decay) * (moving - batch), the same update.
+    """
+    for moving, batch in ((moving_mean, mean), (moving_variance, variance)):
+        update = tf.compat.v1.assign_sub(moving, (moving - batch) * config.BN_MOMENTUM)
+        tf.compat.v1.add_to_collection(tf.compat.v1.GraphKeys.UPDATE_OPS, update)
 
 
 def batch_norm(x, training, name):
     """x (N, H, W, C) -> (N, H, W, C); batch statistics when `training`, else the moving ones.
 
-    The moving averages are updated by assign ops collected in ``UPDATE_OPS``. Nothing
-    in the forward pass depends on them, so a Session never runs them unless the
-    train op is built under ``tf.control_dependencies(UPDATE_OPS)`` (see
-    ``train.adam_train_op``); forget that and inference uses the initial 0/1 statistics.
+    Training normalises with the batch mean and the biased batch variance, as torch
+    does, but the moving variance takes the *unbiased* one, times n/(n-1) with
+    n = N*H*W: what torch folds into running_var (``tf.nn.moments`` gives the biased
+    one, so the factor is applied here). Nothing in the forward pass depends on the
+    moving-average updates, so a Session runs them only because the train step is
+    built under ``tf.control_dependencies(UPDATE_OPS)`` (``train.make_train_step``).
     """
-    channels = x.shape[-1]
     with tf.compat.v1.variable_scope(name):
-        gamma = tf.compat.v1.get_variable("gamma", [channels], tf.float32,
-                                          initializer=tf.compat.v1.ones_initializer())
-        beta = tf.compat.v1.get_variable("beta", [channels], tf.float32,
-                                         initializer=tf.compat.v1.zeros_initializer())
-        moving_mean = tf.compat.v1.get_variable("moving_mean", [channels], tf.float32,
-                                                initializer=tf.compat.v1.zeros_initializer(),
-                                                trainable=False)
-        moving_variance = tf.compat.v1.get_variable("moving_variance", [channels], tf.float32,
-                                                    initializer=tf.compat.v1.ones_initializer(),
-                                                    trainable=False)
+        gamma, beta, moving_mean, moving_variance = batch_norm_variables(x.shape[-1])
 
-        # The fused kernel normalises with the biased batch variance, like torch, but the
-        # variance it *returns* is already the unbiased one, times n/(n-1) with
-        # n = N*H*W: exactly what torch folds into running_var, so both frameworks'
-        # stored statistics agree. (With tf.nn.moments you would multiply by n/(n-1)
-        # yourself.) The wrapper raises eps to at least 1.001e-5 for cuDNN; against
-        # torch's 1e-5 that changes 1/sqrt(var + eps) by about 5e-9 / var.
         def batch_statistics():
-            return tf.compat.v1.nn.fused_batch_norm(x, gamma, beta, epsilon=config.BN_EPS,
-                                                    is_training=True)
+            mean, variance = tf.nn.moments(x, axes=[0, 1, 2])
+            y = tf.nn.batch_normalization(x, mean, variance, beta, gamma, config.BN_EPS)
+            n = tf.cast(tf.size(x) // tf.shape(x)[-1], tf.float32)
+            return y, mean, variance * n / (n - 1)
 
         def moving_statistics():
-            y, _, _ = tf.compat.v1.nn.fused_batch_norm(
-                x, gamma, beta, mean=moving_mean, variance=moving_variance,
-                epsilon=config.BN_EPS, is_training=False)
-            # Handing the moving values back makes the update below a no-op at inference.
+            y = tf.nn.batch_normalization(x, moving_mean, moving_variance, beta, gamma,
+                                          config.BN_EPS)
+            # Handing the moving values back makes the update a no-op at inference.
             return y, tf.identity(moving_mean), tf.identity(moving_variance)
 
         y, mean, variance = tf.cond(training, batch_statistics, moving_statistics)
-
-        # torch: running = (1 - 0.1) * running + 0.1 * batch; the TF1 idiom
-        # (moving_averages.assign_moving_average with decay 1 - BN_MOMENTUM = 0.9) is
-        # moving -= (1 - decay) * (moving - batch), the same update.
-        for moving, batch in ((moving_mean, mean), (moving_variance, variance)):
-            update = tf.compat.v1.assign_sub(moving, (moving - batch) * config.BN_MOMENTUM)
-            tf.compat.v1.add_to_collection(tf.compat.v1.GraphKeys.UPDATE_OPS, update)
+        update_moving_averages(moving_mean, moving_variance, mean, variance)
         return y
 
 
-def max_pool(x, name="pool"):
+def max_pool(x, name):
     """x (N, H, W, C) -> (N, H//2, W//2, C); "VALID" floors odd sizes like torch's MaxPool2d."""
     with tf.name_scope(name):
         return tf.nn.max_pool2d(x, ksize=config.CNN_POOL, strides=config.CNN_POOL,
                                 padding="VALID")
 
 
-def dropout(x, rate, training, seed, name="dropout"):
+def dropout(x, rate, training, name="dropout"):
     """Zero a fraction `rate` of `x` and scale the rest by 1/(1-rate) when `training`.
 
     TF1 code wrote ``tf.nn.dropout(x, keep_prob=0.5)``: keep_prob = 1 - rate. This is
     the stateless form of ``tf.nn.dropout(x, rate=rate)``: the mask is a function of
-    the fed `seed` (2,), not of a random state that lives inside the Session, so a new
-    Session resuming at epoch k draws the masks of the uninterrupted run.
+    (graph seed, global step), not of a random state that lives inside the Session.
+    The global step is a variable the train step increments and the Saver saves, so
+    a Session restored from a checkpoint draws the masks the uninterrupted run drew.
     """
+    seed = tf.compat.v1.get_default_graph().seed or 0  # tf.compat.v1.set_random_seed
+
+    def drop():
+        step = tf.compat.v1.train.get_global_step()  # read inside: inference never needs it
+        return tf.nn.experimental.stateless_dropout(
+            x, rate=rate, seed=tf.stack([tf.constant(seed, tf.int64), step]))
+
     with tf.name_scope(name):
-        return tf.cond(training,
-                       lambda: tf.nn.experimental.stateless_dropout(x, rate=rate, seed=seed),
-                       lambda: tf.identity(x))
+        return tf.cond(training, drop, lambda: tf.identity(x))
 
 
-def _training_switch():
+def conv_block(x, filters, training, index):
+    """The textbook block: conv -> batch norm -> ReLU -> 2x2 max pool, (N, H, W, C) ->
+    (N, H/2, W/2, filters); variables conv{index}/..., bn{index}/..."""
+    x = conv2d(x, filters, f"conv{index}")
+    x = batch_norm(x, training, f"bn{index}")
+    x = tf.nn.relu(x)
+    return max_pool(x, f"pool{index}")
+
+
+def _start_model():
+    """The global step (created first, so it is not one of the model's variables), the
+    number of variables before the model's, and the ``training`` switch."""
+    tf.compat.v1.train.get_or_create_global_step()  # counts train steps; keys dropout masks
+    existing = len(tf.compat.v1.global_variables())
     # False by default: evaluation and prediction feed nothing and get inference mode.
-    return tf.compat.v1.placeholder_with_default(False, [], name="training")
+    training = tf.compat.v1.placeholder_with_default(False, [], name="training")
+    return existing, training
 
 
 def _variables_since(count):
@@ -161,63 +183,47 @@ def _variables_since(count):
 
 
 # -- models --------------------------------------------------------------------------------
-def build_mlp_regressor(num_features):
+def build_mlp(num_features):
     """MLP regression graph: inputs (N, num_features) -> predictions (N, 1).
 
-    fc1 (num_features -> 100), ReLU, fc2 (100 -> 100), ReLU, fc3 (100 -> 1);
-    loss = mean squared error against targets (N, 1).
+    fc1 (num_features -> 100), ReLU, fc2 (100 -> 100), ReLU, fc3 (100 -> 1).
     """
-    existing = len(tf.compat.v1.global_variables())
+    existing, training = _start_model()
     inputs = tf.compat.v1.placeholder(tf.float32, [None, num_features], name="inputs")
     targets = tf.compat.v1.placeholder(tf.float32, [None, 1], name="targets")
-    training = _training_switch()
     x = inputs
     for i, units in enumerate(config.MLP_HIDDEN, start=1):
         x = tf.nn.relu(dense(x, units, f"fc{i}"))
     predictions = dense(x, 1, f"fc{len(config.MLP_HIDDEN) + 1}")
-    with tf.name_scope("loss"):
-        loss = tf.compat.v1.losses.mean_squared_error(labels=targets, predictions=predictions)
-    return GraphModel(inputs=inputs, targets=targets, training=training, dropout_seed=None,
-                      outputs=predictions, loss=loss, variables=_variables_since(existing),
-                      flatten_chw=None)
+    return GraphModel(inputs=inputs, targets=targets, training=training, outputs=predictions,
+                      variables=_variables_since(existing), flatten_chw=None)
 
 
-def build_cnn_classifier(input_shape, num_classes):
+def build_cnn(input_shape, num_classes, block=conv_block):
     """CNN classification graph: inputs (N, H, W, C) NHWC -> logits (N, num_classes).
 
-    Three blocks of conv 3x3 "SAME" -> batch norm -> 2x2 max pool -> ReLU (pool first:
-    the two commute, see ``common.config``)
+    Three blocks (`block`: conv 3x3 "SAME" -> batch norm -> ReLU -> 2x2 max pool)
     ((N, H, W, C) -> (N, H/2, W/2, 32) -> (N, H/4, W/4, 32) -> (N, H/8, W/8, 32)),
     flatten in (H, W, C) order, fc1 (-> 100), ReLU, dropout(0.5), fc2 (-> 100),
-    ReLU, fc3 (-> num_classes). Loss: mean sparse softmax cross-entropy.
+    ReLU, fc3 (-> num_classes).
     """
     shape = config.CNNShape(tuple(input_shape), num_classes)
-    existing = len(tf.compat.v1.global_variables())
+    existing, training = _start_model()
     inputs = tf.compat.v1.placeholder(tf.float32, [None, *input_shape], name="inputs")
     targets = tf.compat.v1.placeholder(tf.int64, [None], name="targets")
-    training = _training_switch()
-    dropout_seed = tf.compat.v1.placeholder_with_default(
-        tf.constant([0, 0], tf.int64), [2], name="dropout_seed")
     x = inputs
     for i, filters in enumerate(config.CNN_FILTERS, start=1):
-        x = conv2d(x, filters, f"conv{i}")
-        x = batch_norm(x, training, f"bn{i}")
-        x = max_pool(x, f"pool{i}")
-        x = tf.nn.relu(x)
+        x = block(x, filters, training, i)
     with tf.name_scope("flatten"):
         # NHWC flattens in (H, W, C) order, torch's NCHW in (C, H, W): fc1's kernel rows
         # are permuted on export/import (layout.flatten_dense_*), not here.
         x = tf.reshape(x, [-1, shape.flatten_features])
     x = tf.nn.relu(dense(x, config.CNN_FC[0], "fc1"))
-    x = dropout(x, config.DROPOUT, training, dropout_seed)
+    x = dropout(x, config.DROPOUT, training)
     x = tf.nn.relu(dense(x, config.CNN_FC[1], "fc2"))
     logits = dense(x, num_classes, "fc3")
-    with tf.name_scope("loss"):
-        loss = tf.reduce_mean(
-            tf.nn.sparse_softmax_cross_entropy_with_logits(labels=targets, logits=logits))
-    return GraphModel(inputs=inputs, targets=targets, training=training, dropout_seed=dropout_seed,
-                      outputs=logits, loss=loss, variables=_variables_since(existing),
-                      flatten_chw=shape.flatten_chw)
+    return GraphModel(inputs=inputs, targets=targets, training=training, outputs=logits,
+                      variables=_variables_since(existing), flatten_chw=shape.flatten_chw)
 
 
 # -- shared weights ------------------------------------------------------------------------
@@ -229,13 +235,9 @@ def _shared_name(tf_name):
     return f"{layer}.{layout.BN_TF_TO_TORCH.get(param, param)}"
 
 
-def _is_flatten_dense(model, tf_name):
-    return model.flatten_chw is not None and _shared_name(tf_name) == "fc1.weight"
-
-
 def _convert(model, tf_name, value, to_torch):
     """One variable's value between TF layout and the shared (torch) layout."""
-    if _is_flatten_dense(model, tf_name):
+    if model.flatten_chw is not None and _shared_name(tf_name) == "fc1.weight":
         convert = layout.flatten_dense_tf_to_torch if to_torch else layout.flatten_dense_torch_to_tf
         return convert(value, model.flatten_chw)
     if tf_name.endswith("/kernel") and np.ndim(value) == 4:

@@ -3,23 +3,24 @@
 Twins: ``torch_impl/run_cnn.py`` and ``tf2_impl/run_cnn.py`` (same flags, outputs
 and section order); the MLP sibling is ``tf1_compat/run_nn.py``. Datasets: digits
 (bundled, default), synthetic, cifar10 (``--download``). Keeps the epoch with the
-best validation loss and evaluates the test split with it.
+best validation loss and evaluates the test split with it. ``--fast`` builds the
+graph of ``tf1_compat/fast.py`` (fused batch norm, pool before ReLU, control-flow v2).
 
-Define, then run: the whole computation (model, loss, Adam, savers) is built into
+Define, then run: the whole computation (model, loss, Adam, Saver) is built into
 one ``tf.Graph`` first; the epoch loop only feeds numpy batches to ``sess.run``.
 """
-import time
-
 import tensorflow as tf
 
 from common.cli import build_parser, parse_args
-from common.datasets import batch_indices, load_dataset
+from common.datasets import load_dataset
 from common.runner import TrainingRun, run_main
-from common.seed import epoch_seed, seed_everything
+from common.seed import seed_everything
 from common.weights import load_weights
-from tf1_compat.models import build_cnn_classifier, export_weights, import_weights
-from tf1_compat.train import (adam_train_op, evaluate, load_checkpoint, make_deterministic,
-                              resolve_device, save_checkpoint, session_config, train_one_epoch,
+from tf1_compat import fast
+from tf1_compat.models import build_cnn, export_weights, import_weights
+from tf1_compat.train import (evaluate, load_checkpoint, make_batches, make_deterministic,
+                              make_loss, make_optimizer, make_train_step, resolve_device,
+                              save_checkpoint, session_config, train_one_epoch,
                               use_tf1_behavior)
 
 MODULE = "tf1_compat.run_cnn"
@@ -34,56 +35,50 @@ def main(argv=None):
     if args.deterministic:
         make_deterministic()
 
+    # Data
     dataset = load_dataset(args.dataset, "image", args.data_dir, args.seed, args.download)
-    run = TrainingRun(args, IMPLEMENTATION, dataset, device)
-    # common gives NHWC, the layout TF's convolutions take: fed as it is.
-    x_train, y_train = dataset.x_train, dataset.y_train
-    x_val, y_val = dataset.x_val, dataset.y_val
-    x_test, y_test = dataset.x_test, dataset.y_test
+    # common.datasets gives NHWC images, the layout TF's convolutions take: fed as they are.
+    x_train, x_val, x_test = dataset.x_train, dataset.x_val, dataset.x_test
+    y_train, y_val, y_test = dataset.y_train, dataset.y_val, dataset.y_test  # int64 indices
 
-    graph = tf.Graph()
-    with graph.as_default():
-        tf.compat.v1.set_random_seed(args.seed)  # graph-level seed: the initial weights
-        model = build_cnn_classifier(dataset.input_shape, dataset.num_classes)
-        train_op = adam_train_op(model, args.lr)
+    # Model, loss and optimizer
+    build = fast.build_cnn if args.fast else build_cnn
+    with tf.Graph().as_default() as graph:
+        tf.compat.v1.set_random_seed(args.seed)  # graph-level seed: initial weights, dropout
+        model = build(dataset.input_shape, dataset.num_classes)
+        loss = make_loss(dataset.task, model)
+        train_step = make_train_step(make_optimizer(args.lr), loss)
         initialize = tf.compat.v1.global_variables_initializer()
-        # last: every global variable (weights, moving averages, Adam's m and v slots and
-        # beta powers), to resume; best: the model's variables only.
-        last_saver = tf.compat.v1.train.Saver(max_to_keep=None)
-        best_saver = tf.compat.v1.train.Saver(var_list=model.variables, max_to_keep=None)
+        # Every variable: weights, moving averages, Adam's slots, the global step.
+        saver = tf.compat.v1.train.Saver(max_to_keep=None)
     graph.finalize()  # the loop below must not add ops (a classic TF1 slowdown)
-
     with tf.compat.v1.Session(graph=graph, config=session_config(device)) as sess:
         sess.run(initialize)
         if args.weights:
             tensors, _ = load_weights(args.weights, dataset.task, dataset.input_shape,
                                       dataset.num_classes)
             import_weights(sess, model, tensors)
-        if run.last_checkpoint:  # --resume after a saved epoch
-            load_checkpoint(run.checkpoint_file(run.last_checkpoint), sess, last_saver)
+        # No reseed: the dropout masks are keyed on the global step, which the
+        # checkpoint holds (models.dropout).
+        run = TrainingRun(args, IMPLEMENTATION, dataset, device,
+                          save=lambda path: save_checkpoint(path, sess, saver),
+                          load=lambda path: load_checkpoint(path, sess, saver))
 
-        if not args.eval_only:
-            for epoch in run.epochs():
-                seed = epoch_seed(args.seed, epoch)  # dropout masks, as after --resume
-                batches = batch_indices(len(x_train), args.batch_size, args.seed, epoch)
-                start = time.perf_counter()
-                train = train_one_epoch(sess, model, train_op, x_train, y_train, batches,
-                                        dataset.task, dropout_seed=seed,
-                                        after_batch=lambda: run.check_stop(epoch),
-                                        desc=f"epoch {epoch}/{args.epochs}")
-                seconds = time.perf_counter() - start
-                val, _ = evaluate(sess, model, x_val, y_val, dataset.task, args.batch_size)
-                is_best = run.end_epoch(epoch, train, val, seconds)
-                last = save_checkpoint(run.checkpoint_path("last", epoch), sess, last_saver)
-                best = save_checkpoint(run.checkpoint_path("best", epoch), sess,
-                                       best_saver) if is_best else None
-                run.save_state(last, best)
-            load_checkpoint(run.checkpoint_file(run.best_checkpoint), sess, best_saver)
+        # Training
+        for epoch in run.epochs():
+            train_batches = make_batches(x_train, y_train, args.batch_size, args.seed, epoch)
+            train = train_one_epoch(sess, model, train_step, loss, train_batches, dataset.task)
+            val, _ = evaluate(sess, model, loss, make_batches(x_val, y_val, args.batch_size),
+                              dataset.task)
+            run.end_epoch(epoch, train, val)
+        run.load_best()
 
-        test, logits = evaluate(sess, model, x_test, y_test, dataset.task, args.batch_size)
+        # Test
+        test, logits = evaluate(sess, model, loss, make_batches(x_test, y_test, args.batch_size),
+                                dataset.task)
         run.finish(test, logits, export_weights(sess, model))
 
 
 if __name__ == "__main__":
-    use_tf1_behavior()  # process-wide: only entry points may, never imported code
+    use_tf1_behavior()  # process-wide: only an entry point may, never imported code
     run_main(main)

@@ -4,85 +4,82 @@ Twins: ``torch_impl/run_nn.py`` and ``tf2_impl/run_nn.py`` (same flags, outputs
 and section order); the CNN sibling is ``tf1_compat/run_cnn.py``. Datasets:
 friedman (generated, default), diabetes (bundled), california (``--download``).
 Keeps the epoch with the best validation loss and evaluates the test split with it.
+``--fast`` changes nothing here: no speed variant measured faster for the TF1 MLP
+(``tf1_compat/fast.py``), so the plain graph runs and metrics.json says so.
 
-Define, then run: the whole computation (model, loss, Adam, savers) is built into
+Define, then run: the whole computation (model, loss, Adam, Saver) is built into
 one ``tf.Graph`` first; the epoch loop only feeds numpy batches to ``sess.run``.
 """
-import time
-
 import tensorflow as tf
 
 from common.cli import build_parser, parse_args
-from common.datasets import batch_indices, load_dataset
+from common.datasets import load_dataset
 from common.runner import TrainingRun, run_main
-from common.seed import epoch_seed, seed_everything
+from common.seed import seed_everything
 from common.weights import load_weights
-from tf1_compat.models import build_mlp_regressor, export_weights, import_weights
-from tf1_compat.train import (adam_train_op, evaluate, load_checkpoint, make_deterministic,
-                              resolve_device, save_checkpoint, session_config, train_one_epoch,
+from tf1_compat.models import build_mlp, export_weights, import_weights
+from tf1_compat.train import (evaluate, load_checkpoint, make_batches, make_deterministic,
+                              make_loss, make_optimizer, make_train_step, resolve_device,
+                              save_checkpoint, session_config, train_one_epoch,
                               use_tf1_behavior)
 
 MODULE = "tf1_compat.run_nn"
 IMPLEMENTATION = "tf1_compat"
+FAST_NOTE = "no speed variant measured faster for the TF1 MLP: --fast runs the plain graph"
 
 
 def main(argv=None):
-    parser = build_parser(MODULE, "tabular", "Train the MLP regressor with a TF1-style graph.")
+    parser = build_parser(MODULE, "tabular", f"Train the MLP regressor with a TF1-style graph "
+                                             f"({FAST_NOTE}).")
     args = parse_args(parser, argv)
     device = resolve_device(args.device)
     seed_everything(args.seed)
     if args.deterministic:
         make_deterministic()
 
+    # Data
     dataset = load_dataset(args.dataset, "tabular", args.data_dir, args.seed, args.download)
-    run = TrainingRun(args, IMPLEMENTATION, dataset, device)
-    # Targets (N,) -> (N, 1), the shape of the model's output and of its targets placeholder.
-    x_train, y_train = dataset.x_train, dataset.y_train.reshape(-1, 1)
-    x_val, y_val = dataset.x_val, dataset.y_val.reshape(-1, 1)
-    x_test, y_test = dataset.x_test, dataset.y_test.reshape(-1, 1)
+    x_train, x_val, x_test = dataset.x_train, dataset.x_val, dataset.x_test
+    # Targets (N,) -> (N, 1), the shape of the predictions and of the targets placeholder.
+    y_train, y_val, y_test = (y.reshape(-1, 1)
+                              for y in (dataset.y_train, dataset.y_val, dataset.y_test))
 
-    graph = tf.Graph()
-    with graph.as_default():
+    # Model, loss and optimizer
+    with tf.Graph().as_default() as graph:
         tf.compat.v1.set_random_seed(args.seed)  # graph-level seed: the initial weights
-        model = build_mlp_regressor(dataset.input_shape[-1])
-        train_op = adam_train_op(model, args.lr)
+        model = build_mlp(dataset.input_shape[-1])
+        loss = make_loss(dataset.task, model)
+        train_step = make_train_step(make_optimizer(args.lr), loss)
         initialize = tf.compat.v1.global_variables_initializer()
-        # last: every global variable (weights, Adam's m and v slots and beta powers),
-        # to resume; best: the model's variables only.
-        last_saver = tf.compat.v1.train.Saver(max_to_keep=None)
-        best_saver = tf.compat.v1.train.Saver(var_list=model.variables, max_to_keep=None)
+        # Every variable: weights, Adam's slots, the global step.
+        saver = tf.compat.v1.train.Saver(max_to_keep=None)
     graph.finalize()  # the loop below must not add ops (a classic TF1 slowdown)
-
     with tf.compat.v1.Session(graph=graph, config=session_config(device)) as sess:
         sess.run(initialize)
         if args.weights:
             tensors, _ = load_weights(args.weights, dataset.task, dataset.input_shape)
             import_weights(sess, model, tensors)
-        if run.last_checkpoint:  # --resume after a saved epoch
-            load_checkpoint(run.checkpoint_file(run.last_checkpoint), sess, last_saver)
+        # No reseed: without dropout nothing in an epoch is random but the batch order.
+        run = TrainingRun(args, IMPLEMENTATION, dataset, device,
+                          save=lambda path: save_checkpoint(path, sess, saver),
+                          load=lambda path: load_checkpoint(path, sess, saver),
+                          details={"fast_note": FAST_NOTE} if args.fast else None)
 
-        if not args.eval_only:
-            for epoch in run.epochs():
-                seed = epoch_seed(args.seed, epoch)  # no dropout here; kept for parity with run_cnn
-                batches = batch_indices(len(x_train), args.batch_size, args.seed, epoch)
-                start = time.perf_counter()
-                train = train_one_epoch(sess, model, train_op, x_train, y_train, batches,
-                                        dataset.task, dropout_seed=seed,
-                                        after_batch=lambda: run.check_stop(epoch),
-                                        desc=f"epoch {epoch}/{args.epochs}")
-                seconds = time.perf_counter() - start
-                val, _ = evaluate(sess, model, x_val, y_val, dataset.task, args.batch_size)
-                is_best = run.end_epoch(epoch, train, val, seconds)
-                last = save_checkpoint(run.checkpoint_path("last", epoch), sess, last_saver)
-                best = save_checkpoint(run.checkpoint_path("best", epoch), sess,
-                                       best_saver) if is_best else None
-                run.save_state(last, best)
-            load_checkpoint(run.checkpoint_file(run.best_checkpoint), sess, best_saver)
+        # Training
+        for epoch in run.epochs():
+            train_batches = make_batches(x_train, y_train, args.batch_size, args.seed, epoch)
+            train = train_one_epoch(sess, model, train_step, loss, train_batches, dataset.task)
+            val, _ = evaluate(sess, model, loss, make_batches(x_val, y_val, args.batch_size),
+                              dataset.task)
+            run.end_epoch(epoch, train, val)
+        run.load_best()
 
-        test, predictions = evaluate(sess, model, x_test, y_test, dataset.task, args.batch_size)
+        # Test
+        test, predictions = evaluate(sess, model, loss,
+                                     make_batches(x_test, y_test, args.batch_size), dataset.task)
         run.finish(test, predictions, export_weights(sess, model))
 
 
 if __name__ == "__main__":
-    use_tf1_behavior()  # process-wide: only entry points may, never imported code
+    use_tf1_behavior()  # process-wide: only an entry point may, never imported code
     run_main(main)

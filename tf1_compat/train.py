@@ -1,28 +1,26 @@
-"""Training and evaluation loops, devices and checkpoints in TF1-style graph code.
+"""Devices, feeding, the training and evaluation loops and checkpoints in TF1-style graph code.
 
 Twins: ``torch_impl/train.py`` (``loss.backward()`` + ``optimizer.step()``) and
-``tf2_impl/train.py`` (``model.fit`` or a ``tf.GradientTape`` loop). The idioms to
-learn here: the optimizer is part of the graph (``adam_train_op`` adds the
-gradient and update ops once, before the Session starts); one training step is
-``sess.run(train_op, feed_dict=...)`` with numpy batches fed into placeholders;
-the ``training`` placeholder does what ``model.train()`` / ``model.eval()`` do in
-torch; batch norm's moving averages only move because the train op depends on
-the ``UPDATE_OPS`` collection.
-
-Data stays in numpy: batches are cut with the shared
-``common.datasets.batch_indices`` and copied into the Session by ``feed_dict``.
+``tf2_impl/train.py`` (a ``tf.GradientTape`` loop, or ``model.fit``); same names,
+same order. The idioms to learn here: the loss and the optimizer are part of the
+graph (``make_loss`` and ``make_train_step`` add their ops once, before the Session
+starts); one training step is ``sess.run(train_step, feed_dict=...)`` with numpy
+batches fed into placeholders; the ``training`` placeholder does what
+``model.train()`` / ``model.eval()`` do in torch; batch norm's moving averages move
+only because the train step depends on the ``UPDATE_OPS`` collection. The speed
+variants of ``--fast`` are in ``tf1_compat/fast.py``.
 """
 import numpy as np
 import tensorflow as tf
 from tqdm import tqdm
 
 from common import config
+from common.datasets import batch_indices
 from common.errors import UserError, WeightsError
 from common.outputs import classification_metrics, regression_metrics
 from common.seed import set_deterministic_environment
 
 
-# -- devices ---------------------------------------------------------------------------
 def resolve_device(name):
     """--device auto|cpu|cuda -> "cpu" or "cuda"; asking for a missing GPU is a user error."""
     has_gpu = bool(tf.config.list_physical_devices("GPU"))
@@ -47,28 +45,31 @@ def session_config(device):
 def make_deterministic():
     """Bit-identical reruns: deterministic kernels (process-wide, TF1 and TF2 alike).
 
-    Initial weights also need the graph-level seed, ``tf.compat.v1.set_random_seed``,
-    which the runners set in every graph they build.
+    Initial weights and dropout masks also need the graph-level seed,
+    ``tf.compat.v1.set_random_seed``, which the runners set in every graph they build.
     """
     set_deterministic_environment()
     tf.config.experimental.enable_op_determinism()
 
 
 def use_tf1_behavior():
-    """TF1 semantics for the whole process, as TF1 code ported to TF2 usually starts.
-
-    ``disable_v2_behavior`` brings back graph mode by default, reference variables
-    and v1 control flow. v2 control flow is switched back on: with v1's Switch/Merge,
-    the gradient of batch norm's ``tf.cond`` fills a zero tensor the size of the
-    layer's input for the branch not taken and adds it in, at every training step
-    (about 7% of a CNN step on a CPU); v2's single ``If`` op differentiates the taken
-    branch only. Both existed in TF 1.15 and compute the same numbers.
-    """
+    """TF1 semantics for the whole process, as TF1 code ported to TF2 usually starts:
+    graph mode by default, reference variables and v1 control flow. Only an entry
+    point may call it (under ``if __name__ == "__main__":``), never imported code."""
     tf.compat.v1.disable_v2_behavior()
-    tf.compat.v1.enable_control_flow_v2()
 
 
-# -- feeding -----------------------------------------------------------------------------
+# -- feeding -------------------------------------------------------------------------------
+def make_batches(x, y, batch_size, seed=None, epoch=1):
+    """Numpy (x, y) mini-batches in the batch order every framework shares, for feed_dict.
+
+    The order is ``common.datasets.batch_indices(seed, epoch)``; with ``seed=None``
+    the batches are in order (validation, test). A generator: one pass each.
+    """
+    for index in batch_indices(len(x), batch_size, seed, epoch, shuffle=seed is not None):
+        yield x[index], y[index]
+
+
 def _shape_text(shape):
     return "(" + ", ".join("N" if d is None else str(d) for d in shape) + ")"
 
@@ -86,95 +87,107 @@ def check_batch(placeholder, batch):
                         f"the data does not fit this model")
 
 
-def feed(model, inputs, targets=None, training=False, dropout_seed=None):
+def feed(model, inputs, targets=None, training=False):
     """The feed_dict of one batch (shapes checked against the placeholders)."""
     check_batch(model.inputs, inputs)
     feed_dict = {model.inputs: inputs}
     if targets is not None:
         check_batch(model.targets, targets)
         feed_dict[model.targets] = targets
-    if training:
+    if training:  # left out, the placeholder's default (False) selects inference mode
         feed_dict[model.training] = True
-    if dropout_seed is not None and model.dropout_seed is not None:
-        feed_dict[model.dropout_seed] = dropout_seed
     return feed_dict
 
 
-# -- optimizer -----------------------------------------------------------------------------
-def adam_train_op(model, learning_rate, with_update_ops=True):
-    """Adam on the model's loss, as one op that a Session runs once per batch.
+# -- loss and optimizer --------------------------------------------------------------------
+def make_loss(task, model):
+    """The mean loss of a batch as a scalar tensor: sparse softmax cross-entropy on the
+    logits and int64 class indices, or mean squared error on (N, 1) predictions.
+
+    ``labels=`` and ``logits=`` are keywords: the TF1 functions once took them
+    positionally in the other order.
+    """
+    with tf.name_scope("loss"):
+        if task == "classification":
+            return tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(
+                labels=model.targets, logits=model.outputs))
+        return tf.compat.v1.losses.mean_squared_error(labels=model.targets,
+                                                      predictions=model.outputs)
+
+
+def make_optimizer(lr):
+    """Adam with the shared constants (TF1's eps default is 1e-8 like torch's; passed anyway).
 
     TF1's AdamOptimizer puts eps outside the bias correction (``lr_t =
     lr*sqrt(1-b2^t)/(1-b1^t)``, step ``lr_t*m/(sqrt(v)+eps)``) where torch divides by
     ``sqrt(v/(1-b2^t))+eps``: with eps 1e-8 the two differ only while sqrt(v) ~ eps.
-
-    `with_update_ops=False` leaves out the batch-norm moving-average updates, the
-    classic TF1 bug (the test suite shows the averages then never move).
     """
-    optimizer = tf.compat.v1.train.AdamOptimizer(
-        learning_rate, beta1=config.ADAM_BETA1, beta2=config.ADAM_BETA2, epsilon=config.ADAM_EPS)
+    return tf.compat.v1.train.AdamOptimizer(lr, beta1=config.ADAM_BETA1, beta2=config.ADAM_BETA2,
+                                            epsilon=config.ADAM_EPS)
+
+
+def make_train_step(optimizer, loss, with_update_ops=True):
+    """One op that a Session runs once per batch: gradients, Adam, global step + 1.
+
+    Batch norm's moving-average updates are assign ops in ``UPDATE_OPS`` that no
+    part of the loss depends on, so a Session would never run them: the classic
+    TF1 bug is a model whose inference uses the initial 0/1 statistics. The control
+    dependency makes every step run them first; `with_update_ops=False` builds the
+    bug (the tests show the averages then never move).
+    """
     update_ops = tf.compat.v1.get_collection(tf.compat.v1.GraphKeys.UPDATE_OPS)
-    # The update ops are not inputs of the loss, so nothing would run them; a control
-    # dependency makes every training step run them first.
     with tf.control_dependencies(update_ops if with_update_ops else []):
-        return optimizer.minimize(model.loss, var_list=list(model.variables.values()),
-                                  name="train_op")
+        return optimizer.minimize(loss, global_step=tf.compat.v1.train.get_or_create_global_step(),
+                                  name="train_step")
 
 
-# -- one epoch and evaluation -------------------------------------------------------------
-def train_one_epoch(sess, model, train_op, x, y, batches, task, dropout_seed=0, after_batch=None,
-                    desc="train"):
-    """One pass over `batches` (index arrays); returns {"loss", "accuracy" | "mse"}.
+# -- one epoch, prediction and evaluation --------------------------------------------------
+def train_one_epoch(sess, model, train_step, loss, batches, task):
+    """One pass over `batches`; returns {"loss", "accuracy" | "mse"}, means over the rows.
 
-    Dropout masks come from the fed seed (dropout_seed, step): a function of the
-    epoch seed and the batch number, the same in a resumed Session.
+    Each ``sess.run`` fetches only what the metrics need: every fetched tensor is a
+    copy out of the runtime.
     """
-    total_loss = total_correct = 0.0
-    for step, index in enumerate(tqdm(batches, desc=desc, leave=False)):
-        feed_dict = feed(model, x[index], y[index], training=True,
-                         dropout_seed=np.array([dropout_seed, step], np.int64))
+    fetches = {"step": train_step, "loss": loss}
+    if task == "classification":
+        fetches["outputs"] = model.outputs  # the logits, for the training accuracy
+    total_loss = correct = rows = 0
+    for inputs, targets in tqdm(batches, desc="train", leave=False):
+        values = sess.run(fetches, feed(model, inputs, targets, training=True))
+        total_loss += float(values["loss"]) * len(targets)
         if task == "classification":
-            # The logits come back with the step (N x classes floats) for the training
-            # accuracy; fetch nothing more per step: each fetch is a copy out of the runtime.
-            _, loss, logits = sess.run([train_op, model.loss, model.outputs], feed_dict)
-            total_correct += np.sum(np.argmax(logits, axis=1) == y[index])
-        else:
-            _, loss = sess.run([train_op, model.loss], feed_dict)
-        total_loss += float(loss) * len(index)
-        if after_batch is not None:
-            after_batch()
-    n = sum(len(index) for index in batches)
-    loss = total_loss / n
+            correct += int(np.sum(np.argmax(values["outputs"], axis=1) == targets))
+        rows += len(targets)
     if task == "classification":
-        return {"loss": loss, "accuracy": float(total_correct) / n}
-    return {"loss": loss, "mse": loss}
+        return {"loss": total_loss / rows, "accuracy": correct / rows}
+    return {"loss": total_loss / rows, "mse": total_loss / rows}
 
 
-def predict(sess, model, x, batch_size):
-    """Logits (N, classes) or predictions (N, 1) as a float32 numpy array.
+def predict(sess, model, batches):
+    """Logits (N, classes) or predictions (N, 1) as numpy, from (inputs, targets) batches
+    or an array of inputs. Nothing is fed to ``training``: its default, False, selects
+    inference mode (moving batch-norm statistics, no dropout)."""
+    if isinstance(batches, np.ndarray):
+        batches = make_batches(batches, np.zeros(len(batches)), config.BATCH_SIZE)
+    return np.concatenate([sess.run(model.outputs, feed(model, inputs)) for inputs, _ in batches])
 
-    Nothing fed for `training`: its default, False, selects inference mode
-    (moving batch-norm statistics, no dropout).
-    """
-    return np.concatenate([sess.run(model.outputs, feed(model, x[i:i + batch_size]))
-                           for i in range(0, len(x), batch_size)])
 
-
-def evaluate(sess, model, x, y, task, batch_size):
+def evaluate(sess, model, loss, batches, task):
     """(metrics, outputs) on one split: metrics as in metrics.json, outputs as numpy."""
-    outputs, total_loss = [], 0.0
-    for i in range(0, len(x), batch_size):
-        batch_outputs, loss = sess.run([model.outputs, model.loss],
-                                       feed(model, x[i:i + batch_size], y[i:i + batch_size]))
+    outputs, targets, total_loss = [], [], 0.0
+    for inputs, batch_targets in batches:
+        batch_outputs, batch_loss = sess.run([model.outputs, loss],
+                                             feed(model, inputs, batch_targets))
         outputs.append(batch_outputs)
-        total_loss += float(loss) * len(batch_outputs)
-    outputs, loss = np.concatenate(outputs), total_loss / len(x)
+        targets.append(batch_targets)
+        total_loss += float(batch_loss) * len(batch_targets)
+    outputs, targets = np.concatenate(outputs), np.concatenate(targets)
     if task == "classification":
-        return classification_metrics(outputs, y, loss), outputs
-    return regression_metrics(outputs, y, loss), outputs
+        return classification_metrics(outputs, targets, total_loss / len(targets)), outputs
+    return regression_metrics(outputs, targets, total_loss / len(targets)), outputs
 
 
-# -- checkpoints ------------------------------------------------------------------------
+# -- checkpoints ---------------------------------------------------------------------------
 def save_checkpoint(path, sess, saver):
     """saver.save to the prefix `path`: it writes `path`.index and `path`.data-*.
 
@@ -191,6 +204,6 @@ def load_checkpoint(path, sess, saver):
         saver.restore(sess, str(path))
     except (tf.errors.NotFoundError, tf.errors.InvalidArgumentError, tf.errors.DataLossError,
             ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise WeightsError(f"checkpoint {path} cannot be restored ({first}); start the run "
                            f"again without --resume") from None

@@ -1,38 +1,34 @@
 """The shared models in Keras 3, in all three model-building APIs, and the shared weights format.
 
 Twins: ``torch_impl/models.py`` (``nn.Module`` classes) and ``tf1_compat/models.py``
-(``tf.compat.v1`` variables and ``tf.nn`` ops). Sizes come from ``common.config``;
-the layers that hold weights carry the names of the shared weights file (``conv1``,
-``bn1``, ..., ``fc3``), so one model in any API converts to and from it.
+(``tf.compat.v1`` variables and ``tf.nn`` ops). Sizes come from ``common.config``; the
+layers that hold weights carry the names of the shared weights file (``conv1``, ``bn1``,
+..., ``fc3``), so a model in any API converts to and from it.
 
-The same network three ways:
+The same network three ways, built with ``build_mlp`` / ``build_cnn(..., api=...)``:
 
-* Sequential (``build_mlp("sequential", ...)``): a list of layers, one input, one output;
-* Functional (``"functional"``): ``keras.Input``, layers called on symbolic tensors,
-  ``keras.Model(inputs, outputs)``; any graph of layers, still inspectable layer by layer;
-* Subclassing (``MLPRegressor`` / ``CNNClassifier``): layers made in ``__init__`` and used in
-  ``call(self, x, training=None)``, the API closest to a torch ``nn.Module``. ``training``
-  is what ``model.train()`` / ``model.eval()`` are in torch: it is passed to every layer
-  that behaves differently while training (batch norm, dropout).
+* Sequential: a list of layers, one input, one output;
+* Functional: ``keras.Input``, layers called on symbolic tensors, ``keras.Model(inputs,
+  outputs)``; any graph of layers, still inspectable layer by layer;
+* Subclassing (``MLPRegressor`` / ``CNNClassifier``): layers made in ``__init__`` and used
+  in ``call(self, x, training=None)``, the API closest to a torch ``nn.Module``.
+  ``training`` is what ``model.train()`` / ``model.eval()`` set in torch: it reaches every
+  layer that behaves differently while training (batch norm, dropout).
 
 Given the same weights the three compute the same outputs (parity_tests/test_tf2_impl.py).
 
-Keras works in NHWC: images enter the CNN as (N, H, W, C), so the feature map before
-``fc1`` flattens in (H, W, C) order; ``export_weights`` / ``import_weights`` permute fc1's
-rows to the shared format's torch (C, H, W) order (``common.layout``).
+Keras works in NHWC: images enter the CNN as (N, H, W, C), so the map before ``fc1``
+flattens in (H, W, C) order; ``export_weights`` / ``import_weights`` permute fc1's rows
+to the shared format's torch (C, H, W) order (``common.layout``).
 
-Logits out, no softmax: the course manual ends the CNN with ``Dense(classes,
-activation="softmax")`` and a loss on probabilities. Here the losses take logits
-(``from_logits=True``, see ``train.make_loss``), which computes log-softmax in one shifted
-step (z - max z - log sum exp(z - max z)). The two-step log(softmax(z)) costs numerical
-stability: in float32 a small probability rounds to 0 and log(0) = -inf, so Keras clips
-probabilities to [1e-7, 1 - 1e-7], which caps the loss and zeroes the gradient of exactly
-the worst-classified examples. Logits are also what torch's ``F.cross_entropy`` takes, so
-outputs compare one to one across frameworks.
+Logits out, no softmax (the course manual ends with ``Dense(classes, activation="softmax")``):
+the losses take logits (``from_logits=True``, ``train.make_loss``) and compute log-softmax
+in one stable step, where log(softmax(z)) in float32 rounds small probabilities to 0 and
+Keras then clips them, zeroing the gradient of the worst-classified examples. torch's
+``F.cross_entropy`` takes logits too, so outputs compare one to one.
 """
 import keras
 import numpy as np
-import tensorflow as tf
 from keras import layers
 
 from common import config, layout
@@ -42,75 +38,14 @@ from common.errors import WeightsError
 APIS = ("sequential", "functional", "subclassing")
 
 
-# -- layers shared by the three APIs ------------------------------------------------------
-class BroadcastBiasConv2D(layers.Conv2D):
-    """``layers.Conv2D`` that adds its bias with a broadcasting add, not ``BiasAdd``.
-
-    Same variables, weights and outputs as the Keras layer; only the graph differs.
-    Keras adds a conv bias with ``tf.nn.bias_add`` (``keras.ops.add`` turns a
-    bias-shaped add into one), and on the CPU TensorFlow's oneDNN pass then fuses the
-    bias gradient into the kernel gradient (``Conv2DBackpropFilterWithBias``). On 2
-    CPU cores that fused kernel measured 3 to 4 times slower than the plain one for
-    conv1 (3 input channels, 32x32 maps: 4.4-4.7 ms a step against 1.0-1.4 ms), and a
-    CNN training step 13% slower. A broadcasting ``tf.add`` differentiates to a
-    separate sum over (N, H, W), which leaves the plain kernel; the forward pass still
-    fuses conv and bias. ``tf1_compat`` keeps ``tf.nn.bias_add``: there the pass leaves
-    the two gradients apart by itself.
-    """
-
-    def call(self, inputs):
-        outputs = self.convolution_op(inputs, self.kernel)
-        if not self.use_bias:
-            return outputs
-        # tf.add, not keras.ops.add, which would turn this back into tf.nn.bias_add.
-        return tf.add(outputs, tf.reshape(self.bias, (1, 1, 1, self.filters)))
-
-
-def _conv(filters, name):
-    # padding="same" with stride 1 and an odd kernel pads (k-1)/2 on every side: the
-    # symmetric zero padding of torch's padding=k//2, so both compute the same map.
-    # NHWC (Keras's default, spelled out): the bias broadcasts over the last axis.
-    return BroadcastBiasConv2D(filters, config.CNN_KERNEL, padding="same",
-                               data_format="channels_last", name=name)
-
-
-class FusedBatchNormalization(layers.BatchNormalization):
-    """``layers.BatchNormalization`` whose training step on NHWC images is one fused kernel.
-
-    Keras 2 ran batch norm through TensorFlow's fused kernel (``fused=True``, its default);
-    Keras 3 builds it from separate moments, scale and shift ops on every backend, and on
-    2 CPU cores that made a CNN training step about 1.4x slower. This layer restores the
-    fused kernel while training; everything else (variables and their names, weights
-    files, inference with the moving statistics) is the Keras layer's. TF2 has no public
-    function for the kernel; ``tf.compat.v1.nn.fused_batch_norm`` is its wrapper, the one
-    ``tf1_compat/models.py::batch_norm`` uses.
-
-    The moving variance then follows torch's convention: the kernel hands back the
-    unbiased batch variance (times n/(n-1)) for the moving average, where the plain
-    Keras layer uses the biased one (``parity_tests/test_pitfalls.py``). The wrapper
-    also raises eps to at least 1.001e-5 for cuDNN: against torch's 1e-5 that changes
-    1/sqrt(var + eps) by about 5e-9 / var.
-    """
-
-    def call(self, inputs, training=None, mask=None):
-        nhwc = len(inputs.shape) == 4 and self.axis in (-1, 3)
-        if not (training and self.trainable and nhwc):
-            return super().call(inputs, training=training, mask=mask)
-        # exponential_avg_factor weights the new batch statistic: torch's momentum, 1 - Keras's.
-        y, mean, variance = tf.compat.v1.nn.fused_batch_norm(
-            inputs, self.gamma, self.beta, mean=self.moving_mean, variance=self.moving_variance,
-            epsilon=self.epsilon, is_training=True, exponential_avg_factor=1.0 - self.momentum)
-        self.moving_mean.assign(mean)
-        self.moving_variance.assign(variance)
-        return y
-
-
-def _batch_norm(name):
-    # Keras's momentum weights the *old* moving value (default 0.99), torch's the new
-    # batch statistic (0.1); Keras's default eps is 1e-3, torch's 1e-5.
-    return FusedBatchNormalization(
-        epsilon=config.BN_EPS, momentum=layout.bn_momentum_torch_to_keras(config.BN_MOMENTUM),
-        name=name)
+# -- settings shared by the three APIs ----------------------------------------------------
+# Batch norm in torch's convention (common.config): Keras's momentum weights the *old*
+# moving value (default 0.99), torch's the new batch statistic (0.1); Keras's default eps
+# is 1e-3, torch's 1e-5. Keras normalises the last axis, the channels of NHWC.
+KERAS_BN_MOMENTUM = layout.bn_momentum_torch_to_keras(config.BN_MOMENTUM)
+# A conv has no bias (use_bias=False) when batch norm follows it: batch norm subtracts the
+# batch mean, which removes any per-channel constant, and its beta takes the bias's place.
+# padding="same" (stride 1, odd kernel) pads (k-1)/2 on every side: torch's padding=k//2.
 
 
 # -- MLP regressor --------------------------------------------------------------------------
@@ -151,7 +86,7 @@ def _mlp_functional(num_features):
     return keras.Model(inputs, outputs, name="mlp_functional")
 
 
-def build_mlp(api, num_features):
+def build_mlp(num_features, api="subclassing"):
     """The MLP regressor in one of ``APIS``, built (its weights exist)."""
     builders = {"sequential": _mlp_sequential, "functional": _mlp_functional,
                 "subclassing": MLPRegressor}
@@ -160,23 +95,21 @@ def build_mlp(api, num_features):
 
 # -- CNN classifier -------------------------------------------------------------------------
 class CNNClassifier(keras.Model):
-    """Three blocks of conv 3x3 'same' -> batch norm -> 2x2 max pool -> ReLU, then
-    fc1 100 -> ReLU -> dropout -> fc2 100 -> ReLU -> fc3 classes. Outputs logits.
-
-    Pool before ReLU: the two commute, so this is the textbook conv-bn-ReLU-pool
-    block with a quarter of the ReLU work (``common.config``)."""
+    """Three blocks of conv 3x3 'same' -> batch norm -> ReLU -> 2x2 max pool, then
+    fc1 100 -> ReLU -> dropout -> fc2 100 -> ReLU -> fc3 classes. Outputs logits."""
 
     def __init__(self, input_shape, num_classes, **kwargs):
         super().__init__(name="cnn_classifier", **kwargs)
         # `input_shape` is the dataset's (H, W, C); keras.Model reserves that attribute name.
         self.image_shape = tuple(input_shape)
         filters1, filters2, filters3 = config.CNN_FILTERS
-        self.conv1 = _conv(filters1, "conv1")
-        self.bn1 = _batch_norm("bn1")
-        self.conv2 = _conv(filters2, "conv2")
-        self.bn2 = _batch_norm("bn2")
-        self.conv3 = _conv(filters3, "conv3")
-        self.bn3 = _batch_norm("bn3")
+        kernel, eps = config.CNN_KERNEL, config.BN_EPS
+        self.conv1 = layers.Conv2D(filters1, kernel, padding="same", use_bias=False, name="conv1")
+        self.bn1 = layers.BatchNormalization(epsilon=eps, momentum=KERAS_BN_MOMENTUM, name="bn1")
+        self.conv2 = layers.Conv2D(filters2, kernel, padding="same", use_bias=False, name="conv2")
+        self.bn2 = layers.BatchNormalization(epsilon=eps, momentum=KERAS_BN_MOMENTUM, name="bn2")
+        self.conv3 = layers.Conv2D(filters3, kernel, padding="same", use_bias=False, name="conv3")
+        self.bn3 = layers.BatchNormalization(epsilon=eps, momentum=KERAS_BN_MOMENTUM, name="bn3")
         self.pool = layers.MaxPooling2D(config.CNN_POOL, name="pool")
         self.flatten = layers.Flatten(name="flatten")
         fc1, fc2 = config.CNN_FC
@@ -188,9 +121,9 @@ class CNNClassifier(keras.Model):
 
     def call(self, x, training=None):  # x: (N, H, W, C)
         relu = keras.ops.relu
-        x = relu(self.pool(self.bn1(self.conv1(x), training=training)))
-        x = relu(self.pool(self.bn2(self.conv2(x), training=training)))
-        x = relu(self.pool(self.bn3(self.conv3(x), training=training)))
+        x = self.pool(relu(self.bn1(self.conv1(x), training=training)))
+        x = self.pool(relu(self.bn2(self.conv2(x), training=training)))
+        x = self.pool(relu(self.bn3(self.conv3(x), training=training)))
         x = self.flatten(x)  # (H, W, C) order
         x = self.dropout(self.fc1(x), training=training)
         x = self.fc2(x)
@@ -200,17 +133,20 @@ class CNNClassifier(keras.Model):
 def _cnn_sequential(input_shape, num_classes):
     filters1, filters2, filters3 = config.CNN_FILTERS
     fc1, fc2 = config.CNN_FC
-    pool = config.CNN_POOL
+    kernel, pool, eps = config.CNN_KERNEL, config.CNN_POOL, config.BN_EPS
     # Sequential does not take one layer object twice, so each block has its own ReLU and
     # pooling layer (neither holds weights). fit and evaluate pass `training` to every layer.
     return keras.Sequential([
         keras.Input(shape=tuple(input_shape)),
-        _conv(filters1, "conv1"), _batch_norm("bn1"), layers.MaxPooling2D(pool, name="pool1"),
-        layers.ReLU(name="relu1"),
-        _conv(filters2, "conv2"), _batch_norm("bn2"), layers.MaxPooling2D(pool, name="pool2"),
-        layers.ReLU(name="relu2"),
-        _conv(filters3, "conv3"), _batch_norm("bn3"), layers.MaxPooling2D(pool, name="pool3"),
-        layers.ReLU(name="relu3"),
+        layers.Conv2D(filters1, kernel, padding="same", use_bias=False, name="conv1"),
+        layers.BatchNormalization(epsilon=eps, momentum=KERAS_BN_MOMENTUM, name="bn1"),
+        layers.ReLU(name="relu1"), layers.MaxPooling2D(pool, name="pool1"),
+        layers.Conv2D(filters2, kernel, padding="same", use_bias=False, name="conv2"),
+        layers.BatchNormalization(epsilon=eps, momentum=KERAS_BN_MOMENTUM, name="bn2"),
+        layers.ReLU(name="relu2"), layers.MaxPooling2D(pool, name="pool2"),
+        layers.Conv2D(filters3, kernel, padding="same", use_bias=False, name="conv3"),
+        layers.BatchNormalization(epsilon=eps, momentum=KERAS_BN_MOMENTUM, name="bn3"),
+        layers.ReLU(name="relu3"), layers.MaxPooling2D(pool, name="pool3"),
         layers.Flatten(name="flatten"),
         layers.Dense(fc1, activation="relu", name="fc1"),
         layers.Dropout(config.DROPOUT, name="dropout"),
@@ -222,20 +158,20 @@ def _cnn_sequential(input_shape, num_classes):
 def _cnn_functional(input_shape, num_classes):
     filters1, filters2, filters3 = config.CNN_FILTERS
     fc1, fc2 = config.CNN_FC
-    pool = config.CNN_POOL
+    kernel, pool, eps = config.CNN_KERNEL, config.CNN_POOL, config.BN_EPS
     inputs = keras.Input(shape=tuple(input_shape), name="images")
-    x = _conv(filters1, "conv1")(inputs)
-    x = _batch_norm("bn1")(x)
-    x = layers.MaxPooling2D(pool, name="pool1")(x)
+    x = layers.Conv2D(filters1, kernel, padding="same", use_bias=False, name="conv1")(inputs)
+    x = layers.BatchNormalization(epsilon=eps, momentum=KERAS_BN_MOMENTUM, name="bn1")(x)
     x = layers.ReLU(name="relu1")(x)
-    x = _conv(filters2, "conv2")(x)
-    x = _batch_norm("bn2")(x)
-    x = layers.MaxPooling2D(pool, name="pool2")(x)
+    x = layers.MaxPooling2D(pool, name="pool1")(x)
+    x = layers.Conv2D(filters2, kernel, padding="same", use_bias=False, name="conv2")(x)
+    x = layers.BatchNormalization(epsilon=eps, momentum=KERAS_BN_MOMENTUM, name="bn2")(x)
     x = layers.ReLU(name="relu2")(x)
-    x = _conv(filters3, "conv3")(x)
-    x = _batch_norm("bn3")(x)
-    x = layers.MaxPooling2D(pool, name="pool3")(x)
+    x = layers.MaxPooling2D(pool, name="pool2")(x)
+    x = layers.Conv2D(filters3, kernel, padding="same", use_bias=False, name="conv3")(x)
+    x = layers.BatchNormalization(epsilon=eps, momentum=KERAS_BN_MOMENTUM, name="bn3")(x)
     x = layers.ReLU(name="relu3")(x)
+    x = layers.MaxPooling2D(pool, name="pool3")(x)
     x = layers.Flatten(name="flatten")(x)
     x = layers.Dense(fc1, activation="relu", name="fc1")(x)
     x = layers.Dropout(config.DROPOUT, name="dropout")(x)
@@ -244,8 +180,8 @@ def _cnn_functional(input_shape, num_classes):
     return keras.Model(inputs, outputs, name="cnn_functional")
 
 
-def build_cnn(api, input_shape, num_classes):
-    """The CNN classifier in one of ``APIS``, built (its weights exist)."""
+def build_cnn(input_shape, num_classes, api="subclassing"):
+    """The CNN classifier in one of ``APIS`` for (H, W, C) images, built (its weights exist)."""
     builders = {"sequential": _cnn_sequential, "functional": _cnn_functional,
                 "subclassing": CNNClassifier}
     return builders[api](input_shape, num_classes)
@@ -258,7 +194,7 @@ def _is_cnn(model):
 
 def _flatten_chw(model):
     """(C, H, W) of the map flattened before fc1, from the model's input shape."""
-    image_shape = model.image_shape if isinstance(model, CNNClassifier) else model.input_shape[1:]
+    image_shape = model.image_shape if hasattr(model, "image_shape") else model.input_shape[1:]
     return CNNShape(tuple(image_shape), num_classes=0).flatten_chw
 
 
@@ -273,7 +209,6 @@ def export_weights(model):
         for i in range(1, len(config.CNN_FILTERS) + 1):
             conv, bn = model.get_layer(f"conv{i}"), model.get_layer(f"bn{i}")
             tensors[f"conv{i}.weight"] = layout.conv_kernel_tf_to_torch(conv.kernel.numpy())
-            tensors[f"conv{i}.bias"] = conv.bias.numpy()
             torch_bn = layout.batchnorm_tf_to_torch(
                 {key: getattr(bn, key).numpy() for key in layout.BN_TF_TO_TORCH})
             tensors.update({f"bn{i}.{k}": v for k, v in torch_bn.items()})
@@ -303,7 +238,6 @@ def import_weights(model, tensors):
             conv, bn = model.get_layer(f"conv{i}"), model.get_layer(f"bn{i}")
             _assign(conv.kernel, layout.conv_kernel_torch_to_tf(tensors[f"conv{i}.weight"]),
                     f"conv{i}.weight")
-            _assign(conv.bias, tensors[f"conv{i}.bias"], f"conv{i}.bias")
             keras_bn = layout.batchnorm_torch_to_tf(
                 {k: tensors[f"bn{i}.{k}"] for k in layout.BN_TORCH_TO_TF})
             for key, array in keras_bn.items():

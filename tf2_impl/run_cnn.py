@@ -1,20 +1,84 @@
-"""Train the CNN classifier with a custom tf.GradientTape loop: ``python -m tf2_impl.run_cnn``.
+"""Train the CNN image classifier with a tf.GradientTape loop: ``python -m tf2_impl.run_cnn``.
 
-Twins: ``torch_impl/run_cnn.py`` and ``tf1_compat/run_cnn.py`` (same flags and outputs);
-the ``model.fit`` sibling is ``tf2_impl/run_cnn_keras.py``, the MLP sibling
-``tf2_impl/run_nn.py``, and the body of ``main`` is ``tf2_impl/runner.py``. Defaults:
-``--loop tape --api subclassing`` (``models.CNNClassifier``, the API closest to torch).
-Datasets: digits (bundled, default), synthetic, cifar10 (``--download``).
+Twins: ``torch_impl/run_cnn.py`` and ``tf1_compat/run_cnn.py`` (same flags, outputs and
+section order); the ``model.fit`` sibling is ``tf2_impl/run_cnn_keras.py``, the MLP
+sibling ``tf2_impl/run_nn.py``. The model is ``models.CNNClassifier`` (Subclassing, the
+Keras API closest to a torch ``nn.Module``); ``--api`` picks another of ``models.APIS``,
+``--loop fit`` runs ``run_cnn_keras`` instead. Datasets: digits (bundled, default),
+synthetic, cifar10 (``--download``). Keeps the epoch with the best validation loss and
+evaluates the test split with it. ``--fast`` uses ``tf2_impl/fast.py``.
 """
-from common.runner import run_main
-from tf2_impl import runner
+from common.cli import build_parser, parse_args
+from common.datasets import load_dataset
+from common.runner import TrainingRun, run_main
+from common.seed import seed_everything
+from common.weights import load_weights
+from tf2_impl import fast
+from tf2_impl.models import APIS, build_cnn, export_weights, import_weights
+from tf2_impl.train import (evaluate, load_checkpoint, make_batches, make_deterministic,
+                            make_loss, make_optimizer, make_train_step, reseed_dropout,
+                            resolve_device, save_checkpoint, train_one_epoch)
 
 MODULE = "tf2_impl.run_cnn"
+IMPLEMENTATION = "tf2"
 
 
 def main(argv=None):
-    runner.main(argv, module=MODULE, kind="image", api="subclassing", loop="tape",
-                description="Train the CNN classifier with TensorFlow 2 (GradientTape loop).")
+    parser = build_parser(MODULE, "image", "Train the CNN classifier with TensorFlow 2 "
+                                           "(GradientTape loop).")
+    parser.add_argument("--api", choices=APIS, default="subclassing",
+                        help="Keras model-building API (default subclassing)")
+    parser.add_argument("--loop", choices=("fit", "tape"), default="tape",
+                        help="tape: this file's GradientTape loop (default); fit: run_cnn_keras")
+    args = parse_args(parser, argv)
+    if args.loop == "fit":
+        from tf2_impl import run_cnn_keras
+        return run_cnn_keras.main(argv)
+    device = resolve_device(args.device)  # before any TensorFlow op
+    seed_everything(args.seed)  # also keras.utils.set_random_seed: initial weights, dropout
+    if args.deterministic:
+        make_deterministic()
+
+    # Data: NHWC images as common.datasets gives them, Keras's layout (torch permutes
+    # them to NCHW). TensorFlow copies each batch to the GPU itself: no .to(device).
+    dataset = load_dataset(args.dataset, "image", args.data_dir, args.seed, args.download)
+    x_train, x_val, x_test = dataset.x_train, dataset.x_val, dataset.x_test
+    y_train, y_val, y_test = dataset.y_train, dataset.y_val, dataset.y_test  # int64 classes
+    # --fast: tf2_impl/fast.py's versions of the feed, epoch and evaluation (same results).
+    batches = fast.make_batches if args.fast else make_batches
+    train_epoch = fast.train_one_epoch if args.fast else train_one_epoch
+    evaluate_split = fast.evaluate if args.fast else evaluate
+
+    # Model, loss and optimizer
+    build = fast.build_cnn if args.fast else build_cnn
+    model = build(dataset.input_shape, dataset.num_classes, args.api)
+    if args.weights:
+        tensors, _ = load_weights(args.weights, dataset.task, dataset.input_shape, dataset.num_classes)
+        import_weights(model, tensors)
+    loss_fn = make_loss(dataset.task)
+    optimizer = make_optimizer(model, args.lr)
+    train_step = make_train_step(model, loss_fn, optimizer)  # a graph (torch's step is eager)
+    # Keras's Dropout layers re-seeded per epoch: the masks are a function of (seed, epoch).
+    run = TrainingRun(args, IMPLEMENTATION, dataset, device,
+                      save=lambda path: save_checkpoint(path, model, optimizer),
+                      load=lambda path: load_checkpoint(path, model, optimizer),
+                      reseed=lambda seed: reseed_dropout(model, seed),
+                      details={"api": args.api, "loop": args.loop})
+    run.log.info(f"model {model.name} ({args.api} API, {model.count_params()} parameters)")
+
+    # Training
+    val_batches = batches(x_val, y_val, args.batch_size)
+    for epoch in run.epochs():
+        train_batches = batches(x_train, y_train, args.batch_size, args.seed, epoch)
+        train = train_epoch(train_step, train_batches, dataset.task)
+        val, _ = evaluate_split(model, val_batches, loss_fn, dataset.task)
+        run.end_epoch(epoch, train, val)
+    run.load_best()
+
+    # Test
+    test_batches = batches(x_test, y_test, args.batch_size)
+    test, logits = evaluate_split(model, test_batches, loss_fn, dataset.task)
+    run.finish(test, logits, export_weights(model))
 
 
 if __name__ == "__main__":

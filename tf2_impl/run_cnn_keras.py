@@ -1,20 +1,86 @@
 """Train the CNN image classifier with Keras's ``model.fit``: ``python -m tf2_impl.run_cnn_keras``.
 
-Twins: ``torch_impl/run_cnn.py`` and ``tf1_compat/run_cnn.py`` (same flags and outputs);
-the custom-loop sibling is ``tf2_impl/run_cnn.py``, and the body of ``main`` is
-``tf2_impl/runner.py``. Defaults: ``--loop fit --api functional`` (``compile`` / ``fit`` /
-``evaluate`` / ``predict`` on a Functional ``keras.Model(inputs, outputs)``). Datasets:
-digits (bundled, default), synthetic, cifar10 (``--download``).
+Twins: ``torch_impl/run_cnn.py`` and ``tf1_compat/run_cnn.py`` (same flags, outputs and
+section order); the GradientTape sibling is ``tf2_impl/run_cnn.py``. The model is built
+with the Functional API (``keras.Input`` and layers called on tensors); ``--api`` picks
+another of ``models.APIS``, ``--loop tape`` runs ``run_cnn`` instead. Where torch writes
+the epoch loop out, Keras runs it inside ``fit``: the per-epoch bookkeeping enters as a
+callback (``train.TrainingRunCallback``). Datasets: digits (bundled, default), synthetic,
+cifar10 (``--download``). ``--fast`` uses ``tf2_impl/fast.py``.
 """
-from common.runner import run_main
-from tf2_impl import runner
+import math
+
+import keras
+
+from common.cli import build_parser, parse_args
+from common.datasets import load_dataset
+from common.runner import TrainingRun, run_main
+from common.seed import seed_everything
+from common.weights import load_weights
+from tf2_impl import fast
+from tf2_impl.models import APIS, build_cnn, export_weights, import_weights
+from tf2_impl.train import (TrainingRunCallback, evaluate, load_checkpoint, make_batches,
+                            make_deterministic, make_fit_batches, make_loss, make_metric,
+                            make_optimizer, reseed_dropout, resolve_device, save_checkpoint)
 
 MODULE = "tf2_impl.run_cnn_keras"
+IMPLEMENTATION = "tf2"
 
 
 def main(argv=None):
-    runner.main(argv, module=MODULE, kind="image", api="functional", loop="fit",
-                description="Train the CNN classifier with Keras 3 (model.fit).")
+    parser = build_parser(MODULE, "image", "Train the CNN classifier with Keras (model.fit).")
+    parser.add_argument("--api", choices=APIS, default="functional",
+                        help="Keras model-building API (default functional)")
+    parser.add_argument("--loop", choices=("fit", "tape"), default="fit",
+                        help="fit: this file's model.fit (default); tape: run_cnn's GradientTape loop")
+    args = parse_args(parser, argv)
+    if args.loop == "tape":
+        from tf2_impl import run_cnn
+        return run_cnn.main(argv)
+    device = resolve_device(args.device)  # before any TensorFlow op
+    seed_everything(args.seed)  # also keras.utils.set_random_seed: initial weights, dropout
+    if args.deterministic:
+        make_deterministic()
+
+    # Data: NHWC numpy arrays, as fit takes them (torch permutes them to NCHW tensors).
+    dataset = load_dataset(args.dataset, "image", args.data_dir, args.seed, args.download)
+    x_train, x_val, x_test = dataset.x_train, dataset.x_val, dataset.x_test
+    y_train, y_val, y_test = dataset.y_train, dataset.y_val, dataset.y_test  # int64 classes
+    fit_batches = fast.make_fit_batches if args.fast else make_fit_batches
+
+    # Model, loss and optimizer: compile names them, fit builds the training step from them.
+    build = fast.build_cnn if args.fast else build_cnn
+    model = build(dataset.input_shape, dataset.num_classes, args.api)
+    if args.weights:
+        tensors, _ = load_weights(args.weights, dataset.task, dataset.input_shape, dataset.num_classes)
+        import_weights(model, tensors)
+    loss_fn = make_loss(dataset.task)
+    optimizer = make_optimizer(model, args.lr)
+    # jit_compile spelled out: Keras's "auto" turns XLA on whenever a GPU is visible.
+    model.compile(optimizer=optimizer, loss=loss_fn, metrics=[make_metric(dataset.task)],
+                  jit_compile=False)
+    run = TrainingRun(args, IMPLEMENTATION, dataset, device,
+                      save=lambda path: save_checkpoint(path, model, optimizer),
+                      load=lambda path: load_checkpoint(path, model, optimizer),
+                      reseed=lambda seed: reseed_dropout(model, seed),
+                      details={"api": args.api, "loop": args.loop})
+    run.log.info(f"model {model.name} ({args.api} API, {model.count_params()} parameters)")
+
+    # Training: fit runs the epochs still to train over the shared batches (the feed holds
+    # their order: shuffle=False); the callback calls run.start_epoch and run.end_epoch
+    # where run_cnn's loop does. Keras's progress bar comes first, so the run's summary
+    # line follows its last line.
+    train_batches = fit_batches(x_train, y_train, args.batch_size, args.seed, run.initial_epoch)
+    model.fit(train_batches, epochs=run.final_epoch, initial_epoch=run.initial_epoch,
+              steps_per_epoch=math.ceil(len(x_train) / args.batch_size), shuffle=False,
+              validation_data=(x_val, y_val), validation_batch_size=args.batch_size,
+              callbacks=[keras.callbacks.ProgbarLogger(), TrainingRunCallback(run)])
+    run.load_best()
+
+    # Test
+    test, logits = evaluate(model, make_batches(x_test, y_test, args.batch_size), loss_fn,
+                            dataset.task)
+    run.finish(test, logits, export_weights(model))
 
 
 if __name__ == "__main__":

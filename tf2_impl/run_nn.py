@@ -1,20 +1,84 @@
-"""Train the MLP regressor with a custom tf.GradientTape loop: ``python -m tf2_impl.run_nn``.
+"""Train the MLP regressor with a tf.GradientTape loop: ``python -m tf2_impl.run_nn``.
 
-Twins: ``torch_impl/run_nn.py`` and ``tf1_compat/run_nn.py`` (same flags and outputs);
-the ``model.fit`` sibling is ``tf2_impl/run_nn_keras.py``, the CNN sibling
-``tf2_impl/run_cnn.py``, and the body of ``main`` is ``tf2_impl/runner.py``. Defaults:
-``--loop tape --api subclassing`` (``models.MLPRegressor``, the API closest to torch).
-Datasets: friedman (generated, default), diabetes (bundled), california (``--download``).
+Twins: ``torch_impl/run_nn.py`` and ``tf1_compat/run_nn.py`` (same flags, outputs and
+section order); the ``model.fit`` sibling is ``tf2_impl/run_nn_keras.py``, the CNN
+sibling ``tf2_impl/run_cnn.py``. The model is ``models.MLPRegressor`` (Subclassing, the
+Keras API closest to a torch ``nn.Module``); ``--api`` picks another of ``models.APIS``,
+``--loop fit`` runs ``run_nn_keras`` instead. Datasets: friedman (generated, default),
+diabetes (bundled), california (``--download``). Keeps the epoch with the best
+validation loss and evaluates the test split with it. ``--fast`` uses the feed, epoch
+and evaluation of ``tf2_impl/fast.py`` (the MLP has no batch norm to fuse).
 """
-from common.runner import run_main
-from tf2_impl import runner
+from common.cli import build_parser, parse_args
+from common.datasets import load_dataset
+from common.runner import TrainingRun, run_main
+from common.seed import seed_everything
+from common.weights import load_weights
+from tf2_impl import fast
+from tf2_impl.models import APIS, build_mlp, export_weights, import_weights
+from tf2_impl.train import (evaluate, load_checkpoint, make_batches, make_deterministic,
+                            make_loss, make_optimizer, make_train_step, resolve_device,
+                            save_checkpoint, train_one_epoch)
 
 MODULE = "tf2_impl.run_nn"
+IMPLEMENTATION = "tf2"
 
 
 def main(argv=None):
-    runner.main(argv, module=MODULE, kind="tabular", api="subclassing", loop="tape",
-                description="Train the MLP regressor with TensorFlow 2 (GradientTape loop).")
+    parser = build_parser(MODULE, "tabular", "Train the MLP regressor with TensorFlow 2 "
+                                             "(GradientTape loop).")
+    parser.add_argument("--api", choices=APIS, default="subclassing",
+                        help="Keras model-building API (default subclassing)")
+    parser.add_argument("--loop", choices=("fit", "tape"), default="tape",
+                        help="tape: this file's GradientTape loop (default); fit: run_nn_keras")
+    args = parse_args(parser, argv)
+    if args.loop == "fit":
+        from tf2_impl import run_nn_keras
+        return run_nn_keras.main(argv)
+    device = resolve_device(args.device)  # before any TensorFlow op
+    seed_everything(args.seed)  # also keras.utils.set_random_seed: the initial weights
+    if args.deterministic:
+        make_deterministic()
+
+    # Data
+    dataset = load_dataset(args.dataset, "tabular", args.data_dir, args.seed, args.download)
+    x_train, x_val, x_test = dataset.x_train, dataset.x_val, dataset.x_test
+    # Targets (N,) -> (N, 1), the shape of the model's output (see train.make_loss).
+    y_train, y_val, y_test = (y.reshape(-1, 1)
+                              for y in (dataset.y_train, dataset.y_val, dataset.y_test))
+    # --fast: tf2_impl/fast.py's versions of the feed, epoch and evaluation (same results).
+    batches = fast.make_batches if args.fast else make_batches
+    train_epoch = fast.train_one_epoch if args.fast else train_one_epoch
+    evaluate_split = fast.evaluate if args.fast else evaluate
+
+    # Model, loss and optimizer
+    model = build_mlp(dataset.input_shape[-1], args.api)
+    if args.weights:
+        tensors, _ = load_weights(args.weights, dataset.task, dataset.input_shape)
+        import_weights(model, tensors)
+    loss_fn = make_loss(dataset.task)
+    optimizer = make_optimizer(model, args.lr)
+    train_step = make_train_step(model, loss_fn, optimizer)  # a graph (torch's step is eager)
+    # No reseed: without dropout nothing in an epoch is random but the batch order.
+    run = TrainingRun(args, IMPLEMENTATION, dataset, device,
+                      save=lambda path: save_checkpoint(path, model, optimizer),
+                      load=lambda path: load_checkpoint(path, model, optimizer),
+                      details={"api": args.api, "loop": args.loop})
+    run.log.info(f"model {model.name} ({args.api} API, {model.count_params()} parameters)")
+
+    # Training
+    val_batches = batches(x_val, y_val, args.batch_size)
+    for epoch in run.epochs():
+        train_batches = batches(x_train, y_train, args.batch_size, args.seed, epoch)
+        train = train_epoch(train_step, train_batches, dataset.task)
+        val, _ = evaluate_split(model, val_batches, loss_fn, dataset.task)
+        run.end_epoch(epoch, train, val)
+    run.load_best()
+
+    # Test
+    test_batches = batches(x_test, y_test, args.batch_size)
+    test, predictions = evaluate_split(model, test_batches, loss_fn, dataset.task)
+    run.finish(test, predictions, export_weights(model))
 
 
 if __name__ == "__main__":

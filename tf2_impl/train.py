@@ -1,26 +1,23 @@
-"""Training and evaluation in TensorFlow 2 / Keras 3, both ways: ``model.fit`` and a
-custom ``tf.GradientTape`` loop; devices and checkpoints.
+"""Training and evaluation in TensorFlow 2 / Keras 3, both ways: a custom
+``tf.GradientTape`` loop and ``model.fit``; devices and checkpoints.
 
 Twins: ``torch_impl/train.py`` (``loss.backward()`` / ``optimizer.step()``) and
 ``tf1_compat/train.py`` (``session.run`` of a train op). The idioms to learn here:
 
-* the custom loop: the forward pass runs under ``tf.GradientTape``, which records it;
-  ``tape.gradient`` differentiates the loss and ``optimizer.apply_gradients`` applies
-  the result (no gradient accumulates between steps, so there is no ``zero_grad``).
-  ``tf.function`` traces the Python step once into a graph; a fixed ``input_signature``
-  (batch dimension ``None``) keeps the smaller last batch from tracing it again.
+* the custom loop (``tf2_impl/run_cnn.py``): the forward pass runs under
+  ``tf.GradientTape``, which records it; ``tape.gradient`` differentiates the loss and
+  ``optimizer.apply_gradients`` applies the result (nothing accumulates between steps,
+  so there is no ``zero_grad``). ``tf.function`` traces the Python step into a graph.
   ``training=True`` / ``False`` is passed on every call where torch sets a mode with
-  ``model.train()`` / ``model.eval()``. Keras metric objects accumulate over an epoch and
-  are cleared with ``reset_state()``.
-* ``model.fit``: ``compile`` names the optimizer, loss and metrics, and Keras builds the
-  same step itself; callbacks hook into the epoch and batch boundaries
-  (``TrainingRunCallback``) for the summary line, checkpoints and Ctrl-C.
+  ``model.train()`` / ``model.eval()``. Batches come from a ``tf.data.Dataset``.
+* ``model.fit`` (``tf2_impl/run_cnn_keras.py``): ``compile`` names the optimizer, loss
+  and metrics, and Keras builds the same step itself; a ``keras.utils.PyDataset`` feeds
+  the shared batches and a callback (``TrainingRunCallback``) reports each epoch.
 
-Both loops take the shared batches of ``common.datasets.batch_indices`` and report the
-same numbers: the loss as the mean over the epoch's samples of the training-mode loss.
+Both loops train on the shared batches of ``common.datasets.batch_indices`` and report
+the same numbers: the loss as the mean over the epoch's samples of the training-mode loss.
 """
-import contextlib
-import time
+import math
 
 import keras
 import numpy as np
@@ -30,18 +27,18 @@ from tqdm import tqdm
 from common import config
 from common.datasets import batch_indices
 from common.errors import UserError, WeightsError
-from common.outputs import atomic_path, classification_metrics, regression_metrics
-from common.seed import epoch_seed, set_deterministic_environment
+from common.outputs import classification_metrics, regression_metrics
+from common.seed import set_deterministic_environment
 
 
 # -- devices ---------------------------------------------------------------------------
 def resolve_device(name):
     """--device auto|cpu|cuda -> "cpu" or "cuda". Call it before TensorFlow runs any op.
 
-    TensorFlow places every op on the first GPU by itself when one is visible, so
-    --device cpu hides the GPUs from this process. That is only possible before
-    TensorFlow has initialised its devices; after that (a second run in one process,
-    as in the tests) ``device_scope`` pins the run to the CPU instead.
+    TensorFlow places every op on the first GPU by itself when one is visible (torch
+    waits for ``.to(device)``), so --device cpu hides the GPUs from this process. Once
+    TensorFlow has initialised its devices that is no longer possible (a second run in
+    one process): the answer is then the device TensorFlow really uses.
     """
     gpus = tf.config.list_physical_devices("GPU")
     if name == "cuda" and not gpus:
@@ -55,16 +52,8 @@ def resolve_device(name):
             # so that a torch model in the same process still finds room.
             tf.config.experimental.set_memory_growth(gpu, True)
     except RuntimeError:
-        pass  # this process has initialised its devices already: see device_scope
-    return "cuda" if gpus and name != "cpu" else "cpu"
-
-
-def device_scope(device):
-    """The placement for the rest of the run: the CPU when --device cpu could not hide
-    the GPUs any more, otherwise TensorFlow's own choice."""
-    if device == "cpu" and tf.config.get_visible_devices("GPU"):
-        return tf.device("/CPU:0")
-    return contextlib.nullcontext()
+        pass  # devices already initialised by an earlier run in this process
+    return "cuda" if tf.config.get_visible_devices("GPU") else "cpu"
 
 
 def make_deterministic():
@@ -80,16 +69,55 @@ def make_deterministic():
     tf.config.experimental.enable_op_determinism()
 
 
-def as_tensor(array):
-    """A whole split as one tensor on the default device (the GPU when there is one)."""
-    return tf.convert_to_tensor(np.ascontiguousarray(array))
+# -- data --------------------------------------------------------------------------------
+def make_batches(x, y, batch_size, seed=None, epoch=1):
+    """One epoch of (x, y) batches as a ``tf.data.Dataset``: the shared shuffled order of
+    ``batch_indices(len(x), batch_size, seed, epoch)``, or in order when `seed` is None
+    (validation, test). torch's twin is a ``DataLoader`` with a batch sampler."""
+    order = np.arange(len(x)) if seed is None else \
+        np.concatenate(batch_indices(len(x), batch_size, seed, epoch))
+    return tf.data.Dataset.from_tensor_slices((x[order], y[order])).batch(batch_size)
 
 
-# -- loss, metrics, optimizer, dropout seeds ----------------------------------------------
+class EpochBatches(keras.utils.PyDataset):
+    """The training batches for ``model.fit``, epoch after epoch, without end.
+
+    ``fit(x, y, shuffle=True)`` would draw its own order; this feed keeps fit on the
+    shared batches. Keras asks for batch i = 0, 1, 2, ... across all epochs of one fit
+    call (``fit`` gets ``steps_per_epoch``), so batch i is batch i % per_epoch of epoch
+    ``initial_epoch + 1 + i // per_epoch``: a function of i, as Keras requires.
+    """
+
+    def __init__(self, x, y, batch_size, seed, initial_epoch):
+        super().__init__()
+        self.x, self.y, self.batch_size, self.seed = x, y, batch_size, seed
+        self.initial_epoch = initial_epoch
+        self.per_epoch = math.ceil(len(x) / batch_size)
+        self._epoch, self._batches = None, None  # the last epoch's batches, drawn once
+
+    @property
+    def num_batches(self):
+        return None  # endless
+
+    def __getitem__(self, i):
+        epoch = self.initial_epoch + 1 + i // self.per_epoch
+        if epoch != self._epoch:
+            self._epoch = epoch
+            self._batches = batch_indices(len(self.x), self.batch_size, self.seed, epoch)
+        index = self._batches[i % self.per_epoch]
+        return self.x[index], self.y[index]
+
+
+def make_fit_batches(x, y, batch_size, seed, initial_epoch):
+    """The ``model.fit`` feed of the shared batches, starting after `initial_epoch`."""
+    return EpochBatches(x, y, batch_size, seed, initial_epoch)
+
+
+# -- loss, metric, optimizer, dropout seeds ------------------------------------------------
 def make_loss(task):
     """The mean loss of a batch: cross-entropy on logits, or mean squared error."""
     if task == "classification":
-        # Logits and int64 class indices, as torch's F.cross_entropy (see models.py on
+        # Logits and int64 class indices, as torch's nn.CrossEntropyLoss (models.py says
         # why the model has no softmax).
         return keras.losses.SparseCategoricalCrossentropy(from_logits=True)
     # Targets are (N, 1) like the outputs: an (N,) target would broadcast to (N, N).
@@ -103,185 +131,118 @@ def make_metric(task):
     return keras.metrics.MeanSquaredError(name="mse")
 
 
-def make_optimizer(lr):
-    # Keras's Adam eps default is 1e-7, torch's 1e-8: pass the shared one.
-    return keras.optimizers.Adam(learning_rate=lr, beta_1=config.ADAM_BETA1,
-                                 beta_2=config.ADAM_BETA2, epsilon=config.ADAM_EPS)
+def make_optimizer(model, lr):
+    """Adam with the shared constants (Keras's eps default is 1e-7, torch's 1e-8).
+
+    Keras creates Adam's moment variables at the first step; building them now lets a
+    checkpoint restore into them (torch's optimizer takes the parameters instead)."""
+    optimizer = keras.optimizers.Adam(learning_rate=lr, beta_1=config.ADAM_BETA1,
+                                      beta_2=config.ADAM_BETA2, epsilon=config.ADAM_EPS)
+    optimizer.build(model.trainable_variables)
+    return optimizer
 
 
 def reseed_dropout(model, seed):
     """Make this epoch's dropout masks a function of `seed` (``common.seed.epoch_seed``).
 
     Keras 3 gives each Dropout layer a ``SeedGenerator`` whose state is a variable
-    ``[seed, counter]``, advanced by every call; resetting it at each epoch start makes
-    a resumed run draw the masks of the uninterrupted one (torch: ``torch.manual_seed``).
+    ``[seed, counter]``, advanced by every call; setting it at each epoch start makes a
+    resumed run draw the masks of the uninterrupted one (torch: ``torch.manual_seed``).
     """
     dropouts = [layer for layer in model.layers if isinstance(layer, keras.layers.Dropout)]
     for i, layer in enumerate(dropouts):
         layer.seed_generator.state.assign(np.array([seed + i, 0], dtype=np.int64))
 
 
-# -- the custom loop: one epoch and evaluation -----------------------------------------------
-def make_train_step(model, optimizer, task, input_shape, jit_compile=False):
-    """(train_step, metrics): one optimisation step as a traced graph, and the Keras
-    metrics it updates ("loss" and the task's metric).
+# -- the custom loop: one epoch and evaluation ------------------------------------------------
+def make_train_step(model, loss_fn, optimizer):
+    """One optimisation step, traced into a graph by ``tf.function``: (loss, outputs).
 
-    Built once per run: a new ``tf.function`` would trace the graph again.
-    ``jit_compile=True`` compiles the graph with XLA (fused kernels, faster on GPUs,
-    numerically a little different).
+    Built once per run: every new ``tf.function`` traces again. It traces once per batch
+    shape: for the full batches and for the smaller last one.
     """
-    loss_fn = make_loss(task)
-    metrics = {"loss": keras.metrics.Mean(name="loss"), "metric": make_metric(task)}
-    x_spec = tf.TensorSpec((None, *input_shape), tf.float32)
-    y_spec = tf.TensorSpec((None,), tf.int64) if task == "classification" else \
-        tf.TensorSpec((None, 1), tf.float32)
-
-    @tf.function(input_signature=[x_spec, y_spec], jit_compile=jit_compile)
+    @tf.function
     def train_step(x, y):
         with tf.GradientTape() as tape:
             outputs = model(x, training=True)  # batch statistics, dropout on
             loss = loss_fn(y, outputs)
         gradients = tape.gradient(loss, model.trainable_variables)
         optimizer.apply_gradients(zip(gradients, model.trainable_variables))
-        metrics["loss"].update_state(loss, sample_weight=tf.shape(x)[0])
-        metrics["metric"].update_state(y, outputs)
+        return loss, outputs
 
-    return train_step, metrics
+    return train_step
 
 
-def train_one_epoch(train_step, metrics, x, y, batches, after_batch=None, desc="train"):
-    """One pass over `batches` (index arrays); returns {"loss", "accuracy" | "mse"}.
+def train_one_epoch(train_step, batches, task):
+    """One pass over `batches`; returns {"loss", "accuracy" | "mse"}.
 
-    `x` and `y` are tensors; each batch is gathered from them on their device. The
-    metrics are read once at the end: a ``float()`` per batch would wait for every step.
+    Keras metric objects accumulate over the epoch; they are read once at the end
+    (a ``float()`` per batch would wait for every step).
     """
-    for metric in metrics.values():
-        metric.reset_state()
-    for index in tqdm(batches, desc=desc, leave=False):
-        train_step(tf.gather(x, index), tf.gather(y, index))
-        if after_batch is not None:
-            after_batch()
-    return {m.name: float(m.result()) for m in metrics.values()}
+    mean_loss, metric = keras.metrics.Mean(name="loss"), make_metric(task)
+    for x, y in tqdm(batches, desc="train", leave=False):
+        loss, outputs = train_step(x, y)
+        mean_loss.update_state(loss, sample_weight=tf.shape(x)[0])
+        metric.update_state(y, outputs)
+    return {"loss": float(mean_loss.result()), metric.name: float(metric.result())}
 
 
-def make_predict_step(model, input_shape, jit_compile=False):
-    """The inference forward pass as a traced graph, built once per run."""
-    @tf.function(input_signature=[tf.TensorSpec((None, *input_shape), tf.float32)],
-                 jit_compile=jit_compile)
-    def predict_step(x):
-        return model(x, training=False)  # dropout off, batch norm uses its moving statistics
+def predict(model, batches):
+    """Logits (N, classes) or predictions (N, 1) of (x, y) `batches` as numpy.
 
-    return predict_step
-
-
-def predict(predict_step, x, batch_size):
-    """Logits (N, classes) or predictions (N, 1) as a float32 numpy array."""
-    return np.concatenate([predict_step(x[i:i + batch_size]).numpy()
-                           for i in range(0, len(x), batch_size)])
+    ``training=False``: dropout off, batch norm uses its moving statistics (torch:
+    ``model.eval()``). Eager calls, one per batch, like torch's; ``model.predict`` would
+    trace a step, with XLA whenever a GPU is visible unless the model was compiled
+    with ``jit_compile=False``."""
+    return np.concatenate([model(x, training=False).numpy() for x, _ in batches])
 
 
-def evaluate(predict_step, x, y, task, batch_size):
-    """(metrics, outputs) on one split: metrics as in metrics.json, outputs as numpy."""
-    outputs = predict(predict_step, x, batch_size)
-    targets = np.asarray(y)
-    loss = float(make_loss(task)(targets, outputs))
+def evaluate(model, batches, loss_fn, task, predict=predict):
+    """(metrics, outputs) on one split of (x, y) `batches`: metrics as in metrics.json.
+    (`predict`: this module's, or ``fast.predict``.)"""
+    outputs = predict(model, batches)
+    targets = np.concatenate([np.asarray(y) for _, y in batches])
+    loss = float(loss_fn(targets, outputs))
     if task == "classification":
         return classification_metrics(outputs, targets, loss), outputs
     return regression_metrics(outputs, targets, loss), outputs
 
 
-# -- model.fit: data, compile, callbacks -----------------------------------------------------
-def fit_batches(x, y, batch_size, seed, epochs):
-    """The training batches of `epochs`, one epoch after the other, as a tf.data pipeline.
-
-    ``fit(x, y, shuffle=True)`` would draw its own order; the shared batches of
-    ``batch_indices`` keep fit, the custom loop and the other frameworks on the same
-    samples. The epochs' sample orders enter the pipeline as one (epochs, N) array;
-    ``batch`` cuts each order into the same consecutive batches as ``batch_indices``,
-    the rows are gathered in the pipeline and ``prefetch`` prepares the next batch while
-    the current one trains. (A Python generator of index arrays, ``from_generator``,
-    measured 6% slower.)
-    Give ``fit`` ``steps_per_epoch`` so it reads one iterator across epochs.
-    """
-    orders = np.stack([np.concatenate(batch_indices(len(x), batch_size, seed, epoch))
-                       for epoch in epochs])
-    with tf.device("/CPU:0"):  # tf.data runs on the host; fit copies each batch to the GPU
-        x, y = tf.constant(x), tf.constant(y)
-    return (tf.data.Dataset.from_tensor_slices(orders)
-            .flat_map(lambda order: tf.data.Dataset.from_tensor_slices(order).batch(batch_size))
-            .map(lambda index: (tf.gather(x, index), tf.gather(y, index)))
-            .prefetch(tf.data.AUTOTUNE))
-
-
-def compile_model(model, optimizer, task, jit_compile=False):
-    """``model.compile`` with the shared loss and metric. ``jit_compile`` is passed
-    explicitly: Keras's default ("auto") turns XLA on whenever a GPU is visible."""
-    model.compile(optimizer=optimizer, loss=make_loss(task), metrics=[make_metric(task)],
-                  jit_compile=jit_compile)
-
-
-def evaluate_compiled(model, x, y, task, batch_size):
-    """(metrics, outputs) on one split with ``model.evaluate`` and ``model.predict``."""
-    loss = model.evaluate(x, y, batch_size=batch_size, verbose=0, return_dict=True)["loss"]
-    outputs = model.predict(x, batch_size=batch_size, verbose=0)
-    if task == "classification":
-        return classification_metrics(outputs, y, loss), outputs
-    return regression_metrics(outputs, y, loss), outputs
-
-
+# -- model.fit: the epoch hook ----------------------------------------------------------------
 class TrainingRunCallback(keras.callbacks.Callback):
-    """Connects ``model.fit`` to ``common.runner.TrainingRun``.
+    """Connects ``model.fit`` to ``common.runner.TrainingRun``: the epoch start (dropout
+    seeds, timer) and the epoch end (summary line, best epoch, checkpoint). Keras counts
+    epochs from 0, the shared history from 1."""
 
-    Keras counts epochs from 0, the shared history from 1. At each epoch start the
-    dropout seeds are reset (``reseed_dropout``); after each batch a pending Ctrl-C
-    stops the run (``run.check_stop``); at each epoch end the epoch is recorded
-    (summary line, best-validation tracking) and `end_epoch` writes the checkpoints.
-    """
-
-    def __init__(self, run, seed, end_epoch):
+    def __init__(self, run):
         super().__init__()
-        self.run, self.seed, self.end_epoch = run, seed, end_epoch
-        self.metric = run.metric
+        self.run = run
 
     def on_epoch_begin(self, epoch, logs=None):
-        self.epoch = epoch + 1
-        reseed_dropout(self.model, epoch_seed(self.seed, self.epoch))
-        self.start = self.last_batch_end = time.perf_counter()
-
-    def on_train_batch_end(self, batch, logs=None):
-        self.last_batch_end = time.perf_counter()
-        self.run.check_stop(self.epoch)
+        self.run.start_epoch(epoch + 1)
 
     def on_epoch_end(self, epoch, logs=None):
-        train = {"loss": float(logs["loss"]), self.metric: float(logs[self.metric])}
-        val = {"loss": float(logs["val_loss"]), self.metric: float(logs[f"val_{self.metric}"])}
-        # Training time only, as in the custom loop: fit validates before this hook.
-        self.end_epoch(self.epoch, train, val, self.last_batch_end - self.start)
+        metric = self.run.metric
+        train = {"loss": float(logs["loss"]), metric: float(logs[metric])}
+        val = {"loss": float(logs["val_loss"]), metric: float(logs[f"val_{metric}"])}
+        self.run.end_epoch(epoch + 1, train, val)
 
 
 # -- checkpoints ------------------------------------------------------------------------
-def save_checkpoint(path, model, optimizer=None):
-    """Best: the model's weights as ``.weights.h5``, written atomically. Last (with the
-    optimizer): a ``tf.train.Checkpoint`` of model and optimizer (weights, Adam's moments
-    and step count), written as ``<path>.index`` and ``<path>.data-*``; state.json names it
-    only once both files are complete."""
-    if optimizer is None:
-        with atomic_path(path) as tmp:
-            model.save_weights(tmp)  # Keras 3 insists on the .weights.h5 suffix
-    else:
-        tf.train.Checkpoint(model=model, optimizer=optimizer).write(str(path))
-    return path
+def save_checkpoint(path, model, optimizer):
+    """Model and optimizer (weights, Adam's moments and step count) as a
+    ``tf.train.Checkpoint``: files ``<path>.index`` and ``<path>.data-*``."""
+    tf.train.Checkpoint(model=model, optimizer=optimizer).write(str(path))
 
 
 def load_checkpoint(path, model, optimizer=None):
-    """Restore a save_checkpoint file into `model` (and `optimizer`, whose variables
-    must exist: ``optimizer.build(model.trainable_variables)``)."""
+    """Restore a save_checkpoint prefix into `model` (and `optimizer`, built by
+    ``make_optimizer``)."""
+    objects = {"model": model} if optimizer is None else {"model": model, "optimizer": optimizer}
     try:
-        if optimizer is None:
-            model.load_weights(path)
-        else:
-            status = tf.train.Checkpoint(model=model, optimizer=optimizer).read(str(path))
-            status.assert_existing_objects_matched()
-    except (OSError, ValueError, AssertionError, tf.errors.OpError) as exc:
+        status = tf.train.Checkpoint(**objects).read(str(path))
+        status.assert_existing_objects_matched()
+        status.expect_partial()  # model only: the optimizer's values stay unread
+    except (ValueError, AssertionError, tf.errors.OpError) as exc:
         raise WeightsError(f"checkpoint {path} cannot be loaded ({str(exc).splitlines()[0]}); "
                            f"start the run again without --resume") from None

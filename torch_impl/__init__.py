@@ -1,7 +1,8 @@
 """dl-rosetta's PyTorch implementation, the reference the TensorFlow twins mirror.
 
-``models`` (MLP regressor, CNN classifier, shared-format weight export/import),
-``train`` (one epoch, evaluation, devices), the entry points ``run_nn`` and
-``run_cnn``, and ``scratch`` (a two-layer MLP with hand-written backward).
-Twins: ``tf2_impl`` (TensorFlow 2 / Keras 3) and ``tf1_compat`` (TF1-style graphs).
+``models`` (``build_mlp``, ``build_cnn``, shared-format weight export/import),
+``train`` (devices, the DataLoader feed, loss, optimizer, one epoch, evaluation,
+checkpoints), the entry points ``run_nn`` and ``run_cnn``, ``fast`` (the speed
+variants behind ``--fast``), and ``scratch`` (a two-layer MLP with hand-written
+backward). Twins: ``tf2_impl`` (TensorFlow 2 / Keras 3) and ``tf1_compat`` (TF1-style graphs).
 """

@@ -6,7 +6,9 @@ Twins: ``tf2_impl/models.py`` (Keras layers) and ``tf1_compat/models.py``
 names of the shared weights file, which is this module's ``state_dict``.
 
 PyTorch works in NCHW: images enter the CNN as (N, C, H, W), so the feature
-map before ``fc1`` flattens in (C, H, W) order, the order of the shared format.
+map before ``fc1`` flattens in (C, H, W) order, the order of the shared format
+(the TF twins flatten NHWC maps in (H, W, C) order and convert in
+``common.layout``). The faster CNN of ``--fast`` is ``torch_impl/fast.py``.
 """
 import numpy as np
 import torch
@@ -34,12 +36,14 @@ class MLPRegressor(nn.Module):
         return self.fc3(x)  # (N, 1)
 
 
-class CNNClassifier(nn.Module):
-    """Three blocks of conv 3x3 'same' -> batch norm -> 2x2 max pool -> ReLU, then
-    fc1 100 -> ReLU -> dropout -> fc2 100 -> ReLU -> fc3 classes. Outputs logits.
+def build_mlp(num_features):
+    """The MLP regressor for rows of `num_features` features."""
+    return MLPRegressor(num_features)
 
-    Pool before ReLU: the two commute, so this is the textbook conv-bn-ReLU-pool
-    block with a quarter of the ReLU work (``common.config``)."""
+
+class CNNClassifier(nn.Module):
+    """Three blocks of conv 3x3 'same' -> batch norm -> ReLU -> 2x2 max pool, then
+    fc1 100 -> ReLU -> dropout -> fc2 100 -> ReLU -> fc3 classes. Outputs logits."""
 
     def __init__(self, input_shape, num_classes):
         super().__init__()
@@ -50,11 +54,13 @@ class CNNClassifier(nn.Module):
         k, pad = config.CNN_KERNEL, config.CNN_KERNEL // 2
         # torch's BatchNorm momentum weights the new batch statistic (Keras: 1 - 0.1).
         bn = dict(eps=config.BN_EPS, momentum=config.BN_MOMENTUM)
-        self.conv1 = nn.Conv2d(shape.in_channels, filters1, k, padding=pad)
+        # No conv bias: batch norm subtracts the channel mean right after, and its own
+        # shift (bn.bias) takes the bias's place.
+        self.conv1 = nn.Conv2d(shape.in_channels, filters1, k, padding=pad, bias=False)
         self.bn1 = nn.BatchNorm2d(filters1, **bn)
-        self.conv2 = nn.Conv2d(filters1, filters2, k, padding=pad)
+        self.conv2 = nn.Conv2d(filters1, filters2, k, padding=pad, bias=False)
         self.bn2 = nn.BatchNorm2d(filters2, **bn)
-        self.conv3 = nn.Conv2d(filters2, filters3, k, padding=pad)
+        self.conv3 = nn.Conv2d(filters2, filters3, k, padding=pad, bias=False)
         self.bn3 = nn.BatchNorm2d(filters3, **bn)
         self.pool = nn.MaxPool2d(config.CNN_POOL)
         self.flatten = nn.Flatten()
@@ -65,21 +71,26 @@ class CNNClassifier(nn.Module):
         self.fc3 = nn.Linear(fc2, num_classes)
 
     def forward(self, x):  # x: (N, C, H, W)
-        x = F.relu(self.pool(self.bn1(self.conv1(x))))
-        x = F.relu(self.pool(self.bn2(self.conv2(x))))
-        x = F.relu(self.pool(self.bn3(self.conv3(x))))
-        x = self.flatten(x)  # (C, H, W) order, whatever the memory format
+        x = self.pool(F.relu(self.bn1(self.conv1(x))))
+        x = self.pool(F.relu(self.bn2(self.conv2(x))))
+        x = self.pool(F.relu(self.bn3(self.conv3(x))))
+        x = self.flatten(x)  # (C, H, W) order
         x = self.dropout(F.relu(self.fc1(x)))
         x = F.relu(self.fc2(x))
-        return self.fc3(x)  # logits: F.cross_entropy applies log-softmax itself
+        return self.fc3(x)  # logits: nn.CrossEntropyLoss applies log-softmax itself
+
+
+def build_cnn(input_shape, num_classes):
+    """The CNN classifier for (H, W, C) images and `num_classes` classes."""
+    return CNNClassifier(input_shape, num_classes)
 
 
 def export_weights(model):
     """The shared weights format: the state_dict as float32 numpy arrays.
 
     ``num_batches_tracked`` is left out: it only matters for BatchNorm(momentum=None),
-    and the TF twins have no such variable. ``.contiguous()`` gives channels_last
-    conv kernels their logical (out, in, kh, kw) memory order.
+    and the TF twins have no such variable. ``.contiguous()`` gives a channels_last
+    model's conv kernels (``torch_impl/fast.py``) their logical (out, in, kh, kw) order.
     """
     return {name: tensor.detach().cpu().contiguous().numpy().astype(np.float32)
             for name, tensor in model.state_dict().items()

@@ -4,73 +4,67 @@ Twins: ``tf2_impl/run_nn.py`` and ``tf1_compat/run_nn.py`` (same flags, outputs
 and section order); the CNN sibling is ``torch_impl/run_cnn.py``. Datasets:
 friedman (generated, default), diabetes (bundled), california (``--download``).
 Keeps the epoch with the best validation loss and evaluates the test split with it.
+``--fast`` feeds the batches with ``torch_impl/fast.py``.
 """
-import time
-
 import torch
 
-from common import config
 from common.cli import build_parser, parse_args
-from common.datasets import batch_indices, load_dataset
-from common.memory import keep_freed_memory
+from common.datasets import load_dataset
 from common.runner import TrainingRun, run_main
-from common.seed import epoch_seed, seed_everything
+from common.seed import seed_everything
 from common.weights import load_weights
-from torch_impl.models import MLPRegressor, export_weights, import_weights
-from torch_impl.train import (evaluate, load_checkpoint, make_deterministic, resolve_device,
-                              save_checkpoint, to_device, train_one_epoch)
+from torch_impl import fast
+from torch_impl.models import build_mlp, export_weights, import_weights
+from torch_impl.train import (evaluate, load_checkpoint, make_batches, make_deterministic,
+                              make_loss, make_optimizer, resolve_device, save_checkpoint,
+                              train_one_epoch)
 
 MODULE = "torch_impl.run_nn"
 IMPLEMENTATION = "torch"
 
 
 def main(argv=None):
-    parser = build_parser(MODULE, "tabular", "Train the MLP regressor with PyTorch.")
-    parser.add_argument("--compile", action="store_true",
-                        help="torch.compile the model (tens of seconds of compiling first; "
-                             "on 2 CPU cores it was no faster than eager)")
-    args = parse_args(parser, argv)
+    args = parse_args(build_parser(MODULE, "tabular", "Train the MLP regressor with PyTorch."), argv)
     device = resolve_device(args.device)
-    keep_freed_memory()  # large activations are reused, not returned to the kernel (common.memory)
     seed_everything(args.seed)
     if args.deterministic:
         make_deterministic()
 
+    # Data
     dataset = load_dataset(args.dataset, "tabular", args.data_dir, args.seed, args.download)
-    run = TrainingRun(args, IMPLEMENTATION, dataset, str(device))
-    x_train, x_val, x_test = (to_device(x, device) for x in (dataset.x_train, dataset.x_val, dataset.x_test))
-    # Targets (N,) -> (N, 1), the shape of the model's output (see train.compute_loss).
-    y_train, y_val, y_test = (to_device(y.reshape(-1, 1), device)
+    # The DataLoader moves each batch to the device; --fast moves each split there once.
+    home = device if args.fast else torch.device("cpu")
+    x_train, x_val, x_test = (torch.from_numpy(x).to(home)
+                              for x in (dataset.x_train, dataset.x_val, dataset.x_test))
+    # Targets (N,) -> (N, 1), the shape of the model's output: nn.MSELoss would broadcast
+    # (N,) against (N, 1) to (N, N), with only a warning.
+    y_train, y_val, y_test = (torch.from_numpy(y.reshape(-1, 1)).to(home)
                               for y in (dataset.y_train, dataset.y_val, dataset.y_test))
+    batches = fast.make_batches if args.fast else make_batches
 
-    model = MLPRegressor(dataset.input_shape[-1]).to(device)
+    # Model, loss and optimizer
+    model = build_mlp(dataset.input_shape[-1]).to(device)
     if args.weights:
         tensors, _ = load_weights(args.weights, dataset.task, dataset.input_shape)
         import_weights(model, tensors)
-    # The compiled module shares its parameters with `model`; state_dicts come from `model`.
-    step_model = torch.compile(model) if args.compile else model
-    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr,
-                                 betas=(config.ADAM_BETA1, config.ADAM_BETA2), eps=config.ADAM_EPS)
-    if run.last_checkpoint:  # --resume after a saved epoch
-        load_checkpoint(run.checkpoint_file(run.last_checkpoint), model, optimizer)
+    loss_fn = make_loss(dataset.task)
+    optimizer = make_optimizer(model, args.lr)
+    # No reseed: without dropout nothing in an epoch is random but the batch order.
+    run = TrainingRun(args, IMPLEMENTATION, dataset, str(device),
+                      save=lambda path: save_checkpoint(path, model, optimizer),
+                      load=lambda path: load_checkpoint(path, model, optimizer))
 
-    if not args.eval_only:
-        for epoch in run.epochs():
-            torch.manual_seed(epoch_seed(args.seed, epoch))  # no dropout here; kept for parity with run_cnn
-            batches = batch_indices(len(x_train), args.batch_size, args.seed, epoch)
-            start = time.perf_counter()
-            train = train_one_epoch(step_model, optimizer, x_train, y_train, batches, dataset.task,
-                                    after_batch=lambda: run.check_stop(epoch),
-                                    desc=f"epoch {epoch}/{args.epochs}")
-            seconds = time.perf_counter() - start
-            val, _ = evaluate(step_model, x_val, y_val, dataset.task, args.batch_size)
-            is_best = run.end_epoch(epoch, train, val, seconds)
-            last = save_checkpoint(run.checkpoint_path("last", epoch, ".pt"), model, optimizer, epoch)
-            best = save_checkpoint(run.checkpoint_path("best", epoch, ".pt"), model) if is_best else None
-            run.save_state(last, best)
-        load_checkpoint(run.checkpoint_file(run.best_checkpoint), model)
+    # Training
+    val_batches = batches(x_val, y_val, args.batch_size)
+    for epoch in run.epochs():
+        train_batches = batches(x_train, y_train, args.batch_size, args.seed, epoch)
+        train = train_one_epoch(model, train_batches, loss_fn, optimizer, dataset.task)
+        val, _ = evaluate(model, val_batches, loss_fn, dataset.task)
+        run.end_epoch(epoch, train, val)
+    run.load_best()
 
-    test, predictions = evaluate(step_model, x_test, y_test, dataset.task, args.batch_size)
+    # Test
+    test, predictions = evaluate(model, batches(x_test, y_test, args.batch_size), loss_fn, dataset.task)
     run.finish(test, predictions, export_weights(model))
 
 

@@ -1,28 +1,28 @@
-"""Training and evaluation loops, devices and checkpoints in PyTorch.
+"""Devices, data loading, the training and evaluation loops and checkpoints in PyTorch.
 
-Twins: ``tf2_impl/train.py`` (``model.fit`` or a ``tf.GradientTape`` loop) and
-``tf1_compat/train.py`` (``session.run`` of a train op). The idioms to learn here:
-``model.train()`` / ``model.eval()`` switch dropout and batch norm; gradients
-accumulate until ``optimizer.zero_grad()``; ``loss.backward()`` fills them and
-``optimizer.step()`` applies them; evaluation runs under ``torch.inference_mode()``.
-
-Data lives in memory: each split becomes one tensor, moved to the device once,
-and batches are cut from it with the shared ``common.datasets.batch_indices``
-(drawn on the host, so CPU and GPU runs see the same batches).
+Twins: ``tf2_impl/train.py`` (a ``tf.data`` GradientTape loop, or ``model.fit``)
+and ``tf1_compat/train.py`` (``session.run`` of a train op); same names, same
+order. The idioms to learn here: a ``DataLoader`` over a ``TensorDataset`` feeds
+the batches; ``model.train()`` / ``model.eval()`` switch dropout and batch norm;
+gradients accumulate until ``optimizer.zero_grad()``; ``loss.backward()`` fills
+them and ``optimizer.step()`` applies them; evaluation runs under
+``torch.inference_mode()``. The faster feed of ``--fast`` is ``torch_impl/fast.py``.
 """
 import os
 import pickle
+from pathlib import Path
 
-import numpy as np
 import torch
-import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 from tqdm import tqdm
 
+from common import config
+from common.datasets import batch_indices
 from common.errors import UserError, WeightsError
 from common.outputs import atomic_path, classification_metrics, regression_metrics
 
 
-# -- devices ---------------------------------------------------------------------------
 def resolve_device(name):
     """--device auto|cpu|cuda -> torch.device; asking for a missing GPU is a user error."""
     if name == "cuda" and not torch.cuda.is_available():
@@ -44,115 +44,107 @@ def make_deterministic():
     torch.backends.cudnn.allow_tf32 = False  # on by default for convolutions
 
 
-def to_device(array, device, memory_format=torch.contiguous_format):
-    """A whole split as one tensor on `device` (float32 stays float32, int64 stays int64)."""
-    tensor = torch.from_numpy(np.ascontiguousarray(array)).contiguous(memory_format=memory_format)
-    if device.type == "cuda" and tensor.nbytes > torch.cuda.mem_get_info(device)[0] // 2:
-        return tensor.pin_memory()  # too big for the GPU: batches travel as they are cut
-    return tensor.to(device)
+def make_batches(x, y, batch_size, seed=None, epoch=1):
+    """A DataLoader over (x, y) in the batch order every framework shares.
+
+    The batch sampler yields ``common.datasets.batch_indices(seed, epoch)``, the
+    order the TF twins use too (a ``shuffle=True`` DataLoader would draw its own);
+    with ``seed=None`` the batches are in order (validation, test).
+    """
+    dataset = TensorDataset(torch.as_tensor(x), torch.as_tensor(y))
+    order = batch_indices(len(dataset), batch_size, seed, epoch, shuffle=seed is not None)
+    return DataLoader(dataset, batch_sampler=[index.tolist() for index in order])
 
 
-def _batch(x, y, index, device):
-    """Rows `index` (numpy) of x and y, on the model's device."""
-    index = torch.from_numpy(index).to(x.device, non_blocking=True)
-    return x[index].to(device, non_blocking=True), y[index].to(device, non_blocking=True)
+def make_loss(task):
+    """Cross-entropy on logits and int64 class indices, or mean squared error.
+
+    For MSE, outputs and targets must both be (N, 1): an (N,) target would broadcast
+    against (N, 1) to (N, N) and train on every pairwise difference, with only a warning.
+    """
+    return nn.CrossEntropyLoss() if task == "classification" else nn.MSELoss()
 
 
-# -- loss --------------------------------------------------------------------------------
-def compute_loss(task, outputs, targets):
-    """Mean loss of a batch: cross-entropy on logits, or mean squared error."""
-    if task == "classification":
-        return F.cross_entropy(outputs, targets)  # logits and int64 class indices
-    # Both (N, 1): an (N,) target would broadcast against (N, 1) to (N, N) and train
-    # on every pairwise difference, with nothing but a warning.
-    return F.mse_loss(outputs, targets)
+def make_optimizer(model, lr):
+    """Adam with the shared constants (torch's defaults already; Keras's eps differs)."""
+    return torch.optim.Adam(model.parameters(), lr=lr,
+                            betas=(config.ADAM_BETA1, config.ADAM_BETA2), eps=config.ADAM_EPS)
 
 
-# -- one epoch and evaluation -------------------------------------------------------------
-def train_one_epoch(model, optimizer, x, y, batches, task, after_batch=None, desc="train"):
-    """One pass over `batches` (index arrays); returns {"loss", "accuracy" | "mse"}.
+def train_one_epoch(model, batches, loss_fn, optimizer, task):
+    """One pass over `batches`; returns {"loss", "accuracy" | "mse"}, means over the rows.
 
-    Loss and correct counts accumulate on the device and are read once at the end:
+    Loss and correct counts add up on the device and are read once at the end:
     a ``.item()`` per batch would wait for the GPU after every step.
     """
     device = next(model.parameters()).device
-    model.train()
+    model.train()  # dropout on, batch norm normalises with the batch's statistics
     total_loss = torch.zeros((), device=device)
-    total_correct = torch.zeros((), device=device)
-    for index in tqdm(batches, desc=desc, leave=False):
-        inputs, targets = _batch(x, y, index, device)
+    correct = torch.zeros((), device=device, dtype=torch.int64)
+    rows = 0
+    for inputs, targets in tqdm(batches, desc="train", leave=False):
+        inputs, targets = inputs.to(device), targets.to(device)
         optimizer.zero_grad()
         outputs = model(inputs)
-        loss = compute_loss(task, outputs, targets)
+        loss = loss_fn(outputs, targets)
         loss.backward()
         optimizer.step()
-        total_loss += loss.detach() * len(index)
+        total_loss += loss.detach() * len(targets)
         if task == "classification":
-            total_correct += (outputs.argmax(dim=1) == targets).sum()
-        if after_batch is not None:
-            after_batch()
-    n = sum(len(index) for index in batches)
-    loss = total_loss.item() / n
+            correct += (outputs.argmax(dim=1) == targets).sum()
+        rows += len(targets)
+    loss = total_loss.item() / rows
     if task == "classification":
-        return {"loss": loss, "accuracy": total_correct.item() / n}
+        return {"loss": loss, "accuracy": correct.item() / rows}
     return {"loss": loss, "mse": loss}
 
 
 @torch.inference_mode()
-def predict_tensor(model, x, batch_size):
-    """Outputs for every row of x, in order, as one tensor on the model's device."""
+def predict(model, batches):
+    """Logits (N, classes) or predictions (N, 1) of every batch, in order, as numpy."""
     device = next(model.parameters()).device
     model.eval()  # dropout off, batch norm uses its running statistics
-    return torch.cat([model(x[i:i + batch_size].to(device, non_blocking=True))
-                      for i in range(0, len(x), batch_size)])
-
-
-def predict(model, x, batch_size):
-    """Logits (N, classes) or predictions (N, 1) as a float32 numpy array."""
-    return predict_tensor(model, x, batch_size).cpu().numpy()
+    return torch.cat([model(inputs.to(device)) for inputs, _ in batches]).cpu().numpy()
 
 
 @torch.inference_mode()
-def evaluate(model, x, y, task, batch_size):
+def evaluate(model, batches, loss_fn, task):
     """(metrics, outputs) on one split: metrics as in metrics.json, outputs as numpy."""
-    outputs = predict_tensor(model, x, batch_size)
-    loss = compute_loss(task, outputs, y.to(outputs.device)).item()
-    outputs, targets = outputs.cpu().numpy(), y.cpu().numpy()
+    outputs = predict(model, batches)
+    targets = torch.cat([targets for _, targets in batches]).cpu()
+    loss = loss_fn(torch.from_numpy(outputs), targets).item()
     if task == "classification":
-        return classification_metrics(outputs, targets, loss), outputs
-    return regression_metrics(outputs, targets, loss), outputs
+        return classification_metrics(outputs, targets.numpy(), loss), outputs
+    return regression_metrics(outputs, targets.numpy(), loss), outputs
 
 
-# -- checkpoints ------------------------------------------------------------------------
-def save_checkpoint(path, model, optimizer=None, epoch=None):
-    """torch.save, atomically: model only (best), or model, optimizer and epoch (last)."""
-    state = model.state_dict()
-    if optimizer is not None:
-        state = {"model": state, "optimizer": optimizer.state_dict(), "epoch": epoch}
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
-    return path
+def save_checkpoint(path, model, optimizer):
+    """Model and optimizer state_dicts in ``<path>.pt``, written atomically; returns that file."""
+    file = Path(path).with_suffix(".pt")
+    with atomic_path(file) as tmp:
+        torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict()}, tmp)
+    return file
 
 
 def load_checkpoint(path, model, optimizer=None):
-    """Restore a save_checkpoint file; returns the saved epoch (None for a model-only file)."""
+    """Restore what ``save_checkpoint(path, ...)`` wrote (the optimizer too, when given)."""
+    file = Path(path).with_suffix(".pt")
     try:
         # weights_only=True unpickles tensors and plain containers only: a checkpoint
         # cannot run code when it is loaded (the default since torch 2.6; explicit here).
-        state = torch.load(path, map_location=next(model.parameters()).device, weights_only=True)
+        state = torch.load(file, map_location=next(model.parameters()).device, weights_only=True)
     except pickle.UnpicklingError:
-        raise WeightsError(f"checkpoint {path} holds Python objects besides tensors; refused to "
+        raise WeightsError(f"checkpoint {file} holds Python objects besides tensors; refused to "
                            f"unpickle it") from None
     except (OSError, RuntimeError, EOFError, KeyError, ValueError) as exc:
-        raise WeightsError(f"checkpoint {path} cannot be read ({_first_line(exc)}); it is "
+        raise WeightsError(f"checkpoint {file} cannot be read ({_first_line(exc)}); it is "
                            f"missing, truncated or not a torch.save file") from None
     try:
-        model.load_state_dict(state if optimizer is None else state["model"])
+        model.load_state_dict(state["model"])
         if optimizer is not None:
             optimizer.load_state_dict(state["optimizer"])
-    except (RuntimeError, KeyError, ValueError) as exc:
-        raise WeightsError(f"checkpoint {path} does not fit this model ({_first_line(exc)})") from None
-    return state.get("epoch") if optimizer is not None else None
+    except (RuntimeError, KeyError, ValueError, TypeError) as exc:
+        raise WeightsError(f"checkpoint {file} does not fit this model ({_first_line(exc)})") from None
 
 
 def _first_line(exc):
