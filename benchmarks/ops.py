@@ -3,7 +3,9 @@
 A square matrix product (2 n^3 FLOPs) and a 3x3 'valid' convolution of an n x n
 image (cross-correlation, as the frameworks define it: 18 (n-2)^2 FLOPs) in pure
 Python (the product in i-j-k and i-k-j loop order: the same body, only the order
-differs), numpy / scipy, PyTorch (NCHW) and TensorFlow (NHWC), on the CPU and on
+differs), numpy / scipy, the product in C compiled at run time in steps towards BLAS
+(``scratch.matmul``: naive, loop order, blocked, vectorised, threads; skipped with a
+reason without a compiler), PyTorch (NCHW) and TensorFlow (NHWC), on the CPU and on
 a visible GPU (TF32 off). Each backend gets the same float32 inputs: a warm-up
 call, then the median of repeats of at least 20 ms (GPU work synchronised
 before the clock stops). Each result is checked in float64 (the product by
@@ -11,9 +13,10 @@ Freivalds' projection ``C v == A (B v)``); an error above ``TOLERANCE`` stops th
 backend and makes the command exit 1. Sizes double from 16 until one takes
 longer than ``--budget`` seconds or the next would take four budgets. Outputs in
 ``--out``: ops.json, every row and each backend's fitted scaling exponent (the
-slope of log time against log n: pure Python's is about 3 and 2).
-"""
+slope of log time against log n: pure Python's is about 3 and 2); ops.csv, the rows;
+ops.png, GFLOP/s against n per backend."""
 import argparse
+import csv
 import math
 import statistics
 import sys
@@ -26,8 +29,9 @@ import numpy as np
 
 from common.cli import positive_float
 from common.errors import UserError
-from common.outputs import write_json
+from common.outputs import atomic_path, plot_gflops, write_json
 from benchmarks import machine
+from scratch.matmul import compiled_matmuls
 
 OPS = ("matmul", "conv2d")
 TOLERANCE = 1e-3
@@ -39,8 +43,7 @@ def flops(op, n):
     return 2.0 * n ** 3 if op == "matmul" else 18.0 * (n - 2) ** 2
 
 
-# run(*prepared) -> result is timed; prepare(*numpy inputs) -> prepared is not; sync() blocks
-# until the device's queued work is done.
+# run(*prepared) is timed; prepare(*numpy inputs) is not; sync() waits for the device's queue.
 Backend = namedtuple("Backend", "name op device run prepare sync", defaults=(None, None))
 
 
@@ -75,10 +78,14 @@ def conv2d_loops(image, kernel):
 def cpu_backends():
     from scipy.signal import correlate2d
     lists = lambda *arrays: [a.tolist() for a in arrays]  # noqa: E731
+    compiled, why = compiled_matmuls()
+    if why:
+        print(f"  {why}")
     return [Backend("python ijk", "matmul", "cpu", matmul_ijk, lists),
             Backend("python ikj", "matmul", "cpu", matmul_ikj, lists),
             Backend("python loops", "conv2d", "cpu", conv2d_loops, lists),
             Backend("numpy", "matmul", "cpu", np.matmul),
+            *(Backend(name, "matmul", "cpu", fn) for name, fn in compiled.items()),
             Backend("scipy", "conv2d", "cpu", lambda x, k: correlate2d(x, k, mode="valid"))]
 
 
@@ -242,7 +249,10 @@ def main(argv=None):
               f"{summary[-1]['exponent'] or float('nan'):.2f}; stopped: {stopped}", flush=True)
     write_json(out / "ops.json", {"machine": info, "budget_seconds": budget, "summary": summary,
                                   "rows": rows})
-    print(f"wrote {out / 'ops.json'}")
+    with atomic_path(out / "ops.csv") as tmp, open(tmp, "w", newline="") as f:
+        (w := csv.DictWriter(f, list(rows[0]))).writeheader(), w.writerows(rows)
+    plot_gflops(out / "ops.png", rows)
+    print(f"wrote {out / 'ops.json'}, ops.csv and ops.png (GFLOP/s against n)")
     wrong = [f"{s['op']} {s['backend']} ({s['device']})" for s in summary if not s["all_correct"]]
     if wrong:
         print("error: wrong results from " + ", ".join(wrong), file=sys.stderr)

@@ -116,6 +116,27 @@ def plot_curves(path, history, metric_name):
     plt.close(fig)
 
 
+def plot_gflops(path, rows):
+    """GFLOP/s against size n per (op, backend, device), one panel per op, log-log, as a PNG."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    ops = sorted({r["op"] for r in rows})
+    fig, axes = plt.subplots(1, len(ops), figsize=(7 * len(ops), 5), squeeze=False)
+    for ax, op in zip(axes[0], ops):
+        for key in sorted({(r["backend"], r["device"]) for r in rows if r["op"] == op}):
+            mine = [r for r in rows if r["op"] == op and (r["backend"], r["device"]) == key]
+            ax.plot([r["size"] for r in mine], [r["gflops"] for r in mine], marker=".",
+                    label=f"{key[0]} ({key[1]})")
+        ax.set(xscale="log", yscale="log", xlabel="n", ylabel="GFLOP/s", title=op)
+        ax.legend(fontsize=7)
+        ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+
+
 def setup_logger(out_dir, name):
     """A logger printing to stdout and appending to `out_dir`/run.log."""
     logger = logging.getLogger(f"dl_rosetta.{name}")

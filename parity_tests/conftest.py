@@ -35,7 +35,7 @@ import tensorflow as tf  # noqa: E402  (after torch: see common/frameworks.py)
 tf.config.experimental.enable_tensor_float_32_execution(False)
 
 from common.config import cnn_parameter_shapes, mlp_parameter_shapes  # noqa: E402
-from common.runner import run_main  # noqa: E402
+from common.runner import TrainingRun, run_main  # noqa: E402
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 REPO = Path(__file__).resolve().parent.parent
@@ -124,3 +124,20 @@ def spawn():
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+@pytest.fixture
+def signal_in_epoch(monkeypatch):
+    """``signal_in_epoch(n)``: runs in this test get SIGINT (or `signum`) as epoch n starts,
+    delivered to the runner's own handler as a Ctrl-C would be; ``monkeypatch.undo()``
+    disarms it."""
+    def arm(epoch, signum=signal.SIGINT):
+        start_epoch = TrainingRun.start_epoch
+
+        def start_then_signal(run, n):
+            start_epoch(run, n)
+            if n == epoch:
+                signal.raise_signal(signum)
+
+        monkeypatch.setattr(TrainingRun, "start_epoch", start_then_signal)
+    return arm

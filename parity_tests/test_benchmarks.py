@@ -14,6 +14,7 @@ import pytest
 from benchmarks import ops, training
 from benchmarks.data import benchmark_data
 from benchmarks.pipelines import Parts, pipelines, set_up
+from scratch.matmul import compiled_matmuls
 
 REFERENCES = {"torch_impl": "manual torch DataLoader pipeline",
               "tf2_impl.run_cnn": "manual TF2 GradientTape loop",
@@ -171,8 +172,9 @@ def test_ops_quick_smoke(tmp_path, capsys):
     ops.main(["--quick", "--device", "cpu", "--budget", "0.005", "--out", str(tmp_path)])
     saved = json.loads((tmp_path / "ops.json").read_text())
     seen = {(r["op"], r["backend"]) for r in saved["rows"]}
+    compiled = {("matmul", name) for name in compiled_matmuls()[0]}  # scratch/matmul.py
     assert seen == {("matmul", "python ijk"), ("matmul", "python ikj"), ("matmul", "numpy"),
                     ("matmul", "torch"), ("matmul", "tensorflow"), ("conv2d", "python loops"),
-                    ("conv2d", "scipy"), ("conv2d", "torch"), ("conv2d", "tensorflow")}
+                    ("conv2d", "scipy"), ("conv2d", "torch"), ("conv2d", "tensorflow")} | compiled
     assert all(r["correct"] and r["seconds"] > 0 for r in saved["rows"])
-    assert len(saved["summary"]) == 9 and saved["machine"]["cpu"]
+    assert len(saved["summary"]) == 9 + len(compiled) and saved["machine"]["cpu"]

@@ -10,13 +10,11 @@ Tolerances: float64 (the checks that pin the function down) agree to 1e-10
 relative, where the only differences are the summation orders of the two memory
 formats' convolution kernels; float32 to 1e-4 relative, 1e-5 absolute.
 """
-import signal
 
 import pytest
 import torch
 
 from common.datasets import batch_indices
-from common.runner import TrainingRun
 from parity_tests.conftest import call, metrics, random_shared_weights
 from torch_impl import fast, run_cnn, run_nn
 from torch_impl.models import build_cnn, export_weights, import_weights
@@ -134,19 +132,12 @@ def test_run_nn_fast_trains_end_to_end(tmp_path):
     assert m["test"]["r2"] > 0.6
 
 
-def test_fast_resumes_to_the_same_predictions(tmp_path, monkeypatch):
+def test_fast_resumes_to_the_same_predictions(tmp_path, monkeypatch, signal_in_epoch):
     """--fast with --deterministic: a run stopped by SIGINT in epoch 2 and resumed ends
     where the uninterrupted one does (its checkpoint holds a channels-last model)."""
     argv = ["--fast", "--deterministic", "--epochs", "2"]
     assert call(run_cnn.main, [*argv, "--out", str(tmp_path / "whole")]) == 0
-    start_epoch = TrainingRun.start_epoch
-
-    def sigint_in_epoch_2(run, epoch):
-        start_epoch(run, epoch)
-        if epoch == 2:
-            signal.raise_signal(signal.SIGINT)  # lands in the runner's own handler
-
-    monkeypatch.setattr(TrainingRun, "start_epoch", sigint_in_epoch_2)
+    signal_in_epoch(2)
     assert call(run_cnn.main, [*argv, "--out", str(tmp_path / "cut")]) == 130
     monkeypatch.undo()
     assert call(run_cnn.main, ["--resume", str(tmp_path / "cut")]) == 0

@@ -76,19 +76,13 @@ def test_interrupt_then_resume_equals_uninterrupted(module, tmp_path, spawn):
 
 
 @pytest.mark.parametrize("module", ["torch_impl.run_cnn", "tf2_impl.run_cnn_keras", "tf1_compat.run_nn"])
-def test_interrupt_in_epoch_1_then_resume_starts_over(module, tmp_path, monkeypatch, capsys):
+def test_interrupt_in_epoch_1_then_resume_starts_over(module, tmp_path, monkeypatch, capsys,
+                                                      signal_in_epoch):
     """A real SIGINT (raised in-process) during the first epoch, before anything is saved:
     exit 130 with the resume hint, and --resume, as the hint says, starts the run over
     from epoch 1 and ends where an uninterrupted run ends."""
-    real_start_epoch = TrainingRun.start_epoch
-
-    def signal_during_epoch_1(self, epoch):
-        real_start_epoch(self, epoch)
-        if epoch == 1:
-            signal.raise_signal(signal.SIGINT)  # lands in the runner's own handler
-
     argv = [*_small(module), "--epochs", "2", "--seed", "4", "--deterministic", "--device", "cpu"]
-    monkeypatch.setattr(TrainingRun, "start_epoch", signal_during_epoch_1)
+    signal_in_epoch(1)
     assert call(module, [*argv, "--out", str(tmp_path / "cut")]) == 130
     monkeypatch.undo()
     printed = capsys.readouterr()

@@ -10,7 +10,6 @@ subprocesses, NaN losses and every kind of unfit weights file are in ``test_reli
 """
 import json
 import math
-import signal
 import subprocess
 import sys
 
@@ -20,7 +19,7 @@ import tensorflow as tf
 
 from common.config import BATCH_SIZE, SEED, cnn_parameter_shapes
 from common.datasets import load_dataset
-from common.runner import CHECKPOINTS, STATE, TrainingRun
+from common.runner import CHECKPOINTS, STATE
 from common.weights import read_weights, save_weights
 from parity_tests.conftest import REPO, call, expect_exit, metrics
 
@@ -95,19 +94,13 @@ def test_bad_input_is_one_sentence_and_exit_2(cnn_run, tmp_path, capsys):
         expect_exit(capsys, module, [*argv, *out], 2, message)
 
 
-def test_resume_restores_the_global_step_and_so_the_dropout_masks(tmp_path, monkeypatch, capsys):
+def test_resume_restores_the_global_step_and_so_the_dropout_masks(tmp_path, monkeypatch, capsys,
+                                                                  signal_in_epoch):
     """SIGINT as epoch 2 starts (in-process, into the runner's own handler), then --resume:
     the checkpoint of epoch 1 holds the global step the dropout masks are keyed on, and the
     resumed run ends with the uninterrupted run's predictions."""
-    real_start_epoch = TrainingRun.start_epoch
-
-    def signal_in_epoch_2(self, epoch):
-        real_start_epoch(self, epoch)
-        if epoch == 2:
-            signal.raise_signal(signal.SIGINT)
-
     argv = ["--dataset", "digits", "--epochs", "2", "--deterministic", "--device", "cpu"]
-    monkeypatch.setattr(TrainingRun, "start_epoch", signal_in_epoch_2)
+    signal_in_epoch(2)
     assert call("tf1_compat.run_cnn", [*argv, "--out", str(tmp_path / "cut")]) == 130
     monkeypatch.undo()
     assert "--resume" in capsys.readouterr().err + (tmp_path / "cut" / "run.log").read_text()

@@ -5,7 +5,6 @@ Entry points run in-process through ``common.runner.run_main`` (one subprocess
 checks the real command line), on the bundled digits and generated friedman data.
 The ``--fast`` variants are tested in ``test_fast_torch.py``.
 """
-import signal
 import subprocess
 import sys
 
@@ -18,7 +17,6 @@ from torch import nn
 from common.config import cnn_parameter_shapes, mlp_parameter_shapes
 from common.datasets import batch_indices
 from common.errors import WeightsError
-from common.runner import TrainingRun
 from common.weights import load_weights, save_weights
 from parity_tests.conftest import REPO, call, error_line, expect_exit, metrics, random_shared_weights
 from torch_impl import run_cnn, run_nn, scratch
@@ -219,18 +217,10 @@ def test_eval_only_reproduces_the_test_metrics(cnn_run, tmp_path):
     assert (tmp_path / "predictions.csv").read_text() == (cnn_run / "predictions.csv").read_text()
 
 
-def test_interrupted_run_resumes_to_the_same_predictions(tmp_path, monkeypatch):
+def test_interrupted_run_resumes_to_the_same_predictions(tmp_path, monkeypatch, signal_in_epoch):
     argv = ["--epochs", "3", "--deterministic"]
     assert call(run_cnn.main, [*argv, "--out", str(tmp_path / "whole")]) == 0
-
-    start_epoch = TrainingRun.start_epoch
-
-    def sigint_in_epoch_2(run, epoch):
-        start_epoch(run, epoch)
-        if epoch == 2:
-            signal.raise_signal(signal.SIGINT)  # lands in the runner's own handler
-
-    monkeypatch.setattr(TrainingRun, "start_epoch", sigint_in_epoch_2)
+    signal_in_epoch(2)
     assert call(run_cnn.main, [*argv, "--out", str(tmp_path / "cut")]) == 130
     monkeypatch.undo()
     assert call(run_cnn.main, ["--resume", str(tmp_path / "cut")]) == 0
