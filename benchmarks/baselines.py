@@ -1,21 +1,19 @@
 """The course manual's training pipelines, the references the implementations are measured against.
 
-Written the way the manual (and the frameworks' tutorials) wrote them, on
-purpose: neither slower nor faster.
+Written as the manual (and the frameworks' tutorials) wrote them: neither slower nor faster.
 
-* ``manual torch DataLoader pipeline``: a ``DataLoader`` (batch 100,
-  ``shuffle=True``, ``num_workers=0``) over, for the CNN, a ``Dataset`` that like
-  torchvision's ``CIFAR10`` makes a PIL image per sample and applies
-  ``ToTensor`` + ``Normalize``, for the MLP a ``TensorDataset``; the shared model
-  (``torch_impl.models``), ``optim.Adam``, ``running_loss += loss.item()``.
-* ``manual TF2 GradientTape loop`` / ``manual Keras fit``: a Keras ``Sequential``
-  model ending in softmax, Keras defaults elsewhere, on
-  ``tf.data.Dataset.from_tensor_slices(...).shuffle(n).batch(100)``.
+* ``manual torch DataLoader pipeline``: a ``DataLoader`` (batch 100, ``shuffle=True``,
+  ``num_workers=0``) over, for the CNN, a ``Dataset`` that like torchvision's ``CIFAR10``
+  makes a PIL image per sample and applies ``ToTensor`` + ``Normalize``, for the MLP a
+  ``TensorDataset``; the shared model (``torch_impl.models``) with the course's
+  ``nn.Conv2d`` (bias on, as in the Keras and TF1 references), ``optim.Adam``,
+  ``running_loss += loss.item()``.
+* ``manual TF2 GradientTape loop`` / ``manual Keras fit``: a Keras ``Sequential`` model
+  ending in softmax, Keras defaults elsewhere, on ``tf.data`` ``.shuffle(n).batch(100)``.
 * ``manual TF1 graph``: placeholders, ``get_variable``, ``tf.nn`` ops,
   ``AdamOptimizer().minimize``, ``sess.run`` with a ``feed_dict`` per batch.
 
-Each function sets its pipeline up and returns ``epoch(n)``, which trains epoch
-n and returns its seconds; frameworks are imported inside the functions.
+Each sets its pipeline up (importing its framework) and returns ``epoch(n)``: train, seconds.
 """
 import time
 
@@ -79,6 +77,9 @@ def manual_torch(task, data, device):
             transforms.ToTensor(), transforms.Normalize(data.mean.tolist(), data.std.tolist())])
         dataset = PILImages()
         model, criterion = build_cnn(data.input_shape, data.num_classes), nn.CrossEntropyLoss()
+        for name in ("conv1", "conv2", "conv3"):  # the course's nn.Conv2d keeps its bias
+            conv = getattr(model, name)
+            setattr(model, name, nn.Conv2d(conv.in_channels, conv.out_channels, 3, padding=1))
     else:
         dataset = TensorDataset(torch.from_numpy(data.x), torch.from_numpy(data.y))
         model, criterion = build_mlp(data.input_shape[-1]), nn.MSELoss()

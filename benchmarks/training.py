@@ -40,8 +40,7 @@ def resolve_device(name):
         [sys.executable, "-c", "import torch; print(torch.cuda.is_available())"],
         capture_output=True, text=True).stdout.strip().endswith("True")
     if name == "cuda" and not found:
-        raise UserError("--device cuda was asked for but no GPU is visible; "
-                        "use --device cpu or auto")
+        raise UserError("--device cuda was asked for but no GPU is visible; use --device cpu or auto")
     return "cuda" if found else "cpu"
 
 
