@@ -14,22 +14,18 @@ from common.runner import TrainingRun, run_main
 from common.seed import seed_everything
 from common.weights import load_weights
 from tf2_impl import fast
-from tf2_impl.models import APIS, build_cnn, export_weights, import_weights
-from tf2_impl.train import (evaluate, load_checkpoint, make_batches, make_deterministic,
-                            make_loss, make_optimizer, make_train_step, reseed_dropout,
-                            resolve_device, save_checkpoint, train_one_epoch)
+from tf2_impl.models import build_cnn, export_weights, import_weights
+from tf2_impl.train import (add_keras_arguments, evaluate, load_checkpoint, make_batches,
+                            make_deterministic, make_loss, make_optimizer, make_train_step,
+                            reseed_dropout, resolve_device, save_checkpoint, train_one_epoch)
 
 MODULE = "tf2_impl.run_cnn"
 IMPLEMENTATION = "tf2"
 
 
 def main(argv=None):
-    parser = build_parser(MODULE, "image", "Train the CNN classifier with TensorFlow 2 "
-                                           "(GradientTape loop).")
-    parser.add_argument("--api", choices=APIS, default="subclassing",
-                        help="Keras model-building API (default subclassing)")
-    parser.add_argument("--loop", choices=("fit", "tape"), default="tape",
-                        help="tape: this file's GradientTape loop (default); fit: run_cnn_keras")
+    parser = build_parser(MODULE, "image", "Train the CNN classifier with a TF2 GradientTape loop.")
+    add_keras_arguments(parser, api="subclassing", loop="tape", other="run_cnn_keras")
     args = parse_args(parser, argv)
     if args.loop == "fit":
         from tf2_impl import run_cnn_keras

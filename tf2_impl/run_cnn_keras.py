@@ -18,10 +18,11 @@ from common.runner import TrainingRun, run_main
 from common.seed import seed_everything
 from common.weights import load_weights
 from tf2_impl import fast
-from tf2_impl.models import APIS, build_cnn, export_weights, import_weights
-from tf2_impl.train import (TrainingRunCallback, evaluate, load_checkpoint, make_batches,
-                            make_deterministic, make_fit_batches, make_loss, make_metric,
-                            make_optimizer, reseed_dropout, resolve_device, save_checkpoint)
+from tf2_impl.models import build_cnn, export_weights, import_weights
+from tf2_impl.train import (TrainingRunCallback, add_keras_arguments, evaluate, load_checkpoint,
+                            make_batches, make_deterministic, make_fit_batches, make_loss,
+                            make_metric, make_optimizer, reseed_dropout, resolve_device,
+                            save_checkpoint)
 
 MODULE = "tf2_impl.run_cnn_keras"
 IMPLEMENTATION = "tf2"
@@ -29,10 +30,7 @@ IMPLEMENTATION = "tf2"
 
 def main(argv=None):
     parser = build_parser(MODULE, "image", "Train the CNN classifier with Keras (model.fit).")
-    parser.add_argument("--api", choices=APIS, default="functional",
-                        help="Keras model-building API (default functional)")
-    parser.add_argument("--loop", choices=("fit", "tape"), default="fit",
-                        help="fit: this file's model.fit (default); tape: run_cnn's GradientTape loop")
+    add_keras_arguments(parser, api="functional", loop="fit", other="run_cnn")
     args = parse_args(parser, argv)
     if args.loop == "tape":
         from tf2_impl import run_cnn

@@ -18,10 +18,10 @@ from common.runner import TrainingRun, run_main
 from common.seed import seed_everything
 from common.weights import load_weights
 from tf2_impl import fast
-from tf2_impl.models import APIS, build_mlp, export_weights, import_weights
-from tf2_impl.train import (TrainingRunCallback, evaluate, load_checkpoint, make_batches,
-                            make_deterministic, make_fit_batches, make_loss, make_metric,
-                            make_optimizer, resolve_device, save_checkpoint)
+from tf2_impl.models import build_mlp, export_weights, import_weights
+from tf2_impl.train import (TrainingRunCallback, add_keras_arguments, evaluate, load_checkpoint,
+                            make_batches, make_deterministic, make_fit_batches, make_loss,
+                            make_metric, make_optimizer, resolve_device, save_checkpoint)
 
 MODULE = "tf2_impl.run_nn_keras"
 IMPLEMENTATION = "tf2"
@@ -29,10 +29,7 @@ IMPLEMENTATION = "tf2"
 
 def main(argv=None):
     parser = build_parser(MODULE, "tabular", "Train the MLP regressor with Keras (model.fit).")
-    parser.add_argument("--api", choices=APIS, default="sequential",
-                        help="Keras model-building API (default sequential)")
-    parser.add_argument("--loop", choices=("fit", "tape"), default="fit",
-                        help="fit: this file's model.fit (default); tape: run_nn's GradientTape loop")
+    add_keras_arguments(parser, api="sequential", loop="fit", other="run_nn")
     args = parse_args(parser, argv)
     if args.loop == "tape":
         from tf2_impl import run_nn

@@ -29,6 +29,19 @@ from common.datasets import batch_indices
 from common.errors import UserError, WeightsError
 from common.outputs import classification_metrics, regression_metrics
 from common.seed import set_deterministic_environment
+from tf2_impl.models import APIS
+
+
+# -- command line ------------------------------------------------------------------------
+def add_keras_arguments(parser, api, loop, other):
+    """TF2's two flags on top of the shared ones (torch and TF1 have one way each):
+    --api picks the Keras model-building API, --loop the training loop; `other` names
+    the entry point that runs the other loop."""
+    parser.add_argument("--api", choices=APIS, default=api,
+                        help=f"Keras model-building API (default {api})")
+    parser.add_argument("--loop", choices=("fit", "tape"), default=loop,
+                        help=f"{loop}: this file's loop (default); the other: {other}")
+    return parser
 
 
 # -- devices ---------------------------------------------------------------------------
