@@ -1,13 +1,11 @@
-"""The course manual's training pipelines, the references the implementations are measured against.
+"""The course manual's training pipelines, the references the implementations are measured
+against, written as the manual (and the frameworks' tutorials) wrote them.
 
-Written as the manual (and the frameworks' tutorials) wrote them: neither slower nor faster.
-
-* ``manual torch DataLoader pipeline``: a ``DataLoader`` (batch 100, ``shuffle=True``,
-  ``num_workers=0``) over, for the CNN, a ``Dataset`` that like torchvision's ``CIFAR10``
-  makes a PIL image per sample and applies ``ToTensor`` + ``Normalize``, for the MLP a
-  ``TensorDataset``; the shared model (``torch_impl.models``) with the course's
-  ``nn.Conv2d`` (bias on, as in the Keras and TF1 references), ``optim.Adam``,
-  ``running_loss += loss.item()``.
+* ``manual torch DataLoader pipeline``: a ``DataLoader`` (batch 100, ``shuffle=True``) over,
+  for the CNN, a ``Dataset`` that like torchvision's ``CIFAR10`` makes a PIL image per sample
+  and applies ``ToTensor`` + ``Normalize``, for the MLP a ``TensorDataset``; the shared model
+  with the course's ``nn.Conv2d`` (bias on, as in the Keras and TF1 references),
+  ``optim.Adam``, ``running_loss += loss.item()``.
 * ``manual TF2 GradientTape loop`` / ``manual Keras fit``: a Keras ``Sequential`` model
   ending in softmax, Keras defaults elsewhere, on ``tf.data`` ``.shuffle(n).batch(100)``.
 * ``manual TF1 graph``: placeholders, ``get_variable``, ``tf.nn`` ops,
@@ -21,8 +19,7 @@ import numpy as np
 
 from common import config
 
-BATCH_SIZE = config.BATCH_SIZE
-LEARNING_RATE = config.LEARNING_RATE
+BATCH_SIZE, LEARNING_RATE = config.BATCH_SIZE, config.LEARNING_RATE
 
 
 def clocked(train):
@@ -51,7 +48,6 @@ def fit_epochs(model, inputs, **fit_args):
     return epoch
 
 
-# -- PyTorch ------------------------------------------------------------------------------
 def manual_torch(task, data, device):
     import torch
     from PIL import Image
@@ -102,42 +98,38 @@ def manual_torch(task, data, device):
     return clocked(train)
 
 
-# -- TensorFlow 2 --------------------------------------------------------------------------
-def _keras_model(task, data):
+def _keras_setup(task, data):
+    """The manual's Keras model (seeded), its loss, Adam and the tf.data feed."""
+    import tensorflow as tf
     from tensorflow import keras
     from tensorflow.keras import layers
+    tf.random.set_seed(config.SEED)
     model = keras.Sequential([keras.Input(shape=data.input_shape)])
     if task == "mlp":
         for units in config.MLP_HIDDEN:
             model.add(layers.Dense(units, activation="relu"))
         model.add(layers.Dense(1))
-        return model, keras.losses.MeanSquaredError()
-    for filters in config.CNN_FILTERS:
-        model.add(layers.Conv2D(filters, config.CNN_KERNEL, padding="same"))
-        model.add(layers.BatchNormalization())
-        model.add(layers.Activation("relu"))
-        model.add(layers.MaxPooling2D(config.CNN_POOL))
-    model.add(layers.Flatten())
-    model.add(layers.Dense(config.CNN_FC[0], activation="relu"))
-    model.add(layers.Dropout(config.DROPOUT))
-    model.add(layers.Dense(config.CNN_FC[1], activation="relu"))
-    model.add(layers.Dense(data.num_classes, activation="softmax"))
-    return model, keras.losses.SparseCategoricalCrossentropy()
-
-
-def _tf_dataset(data):
-    import tensorflow as tf
-    dataset = tf.data.Dataset.from_tensor_slices((data.x, data.y))
-    return dataset.shuffle(len(data.x)).batch(BATCH_SIZE)
+        loss_fn = keras.losses.MeanSquaredError()
+    else:
+        for filters in config.CNN_FILTERS:
+            model.add(layers.Conv2D(filters, config.CNN_KERNEL, padding="same"))
+            model.add(layers.BatchNormalization())
+            model.add(layers.Activation("relu"))
+            model.add(layers.MaxPooling2D(config.CNN_POOL))
+        model.add(layers.Flatten())
+        model.add(layers.Dense(config.CNN_FC[0], activation="relu"))
+        model.add(layers.Dropout(config.DROPOUT))
+        model.add(layers.Dense(config.CNN_FC[1], activation="relu"))
+        model.add(layers.Dense(data.num_classes, activation="softmax"))
+        loss_fn = keras.losses.SparseCategoricalCrossentropy()
+    dataset = tf.data.Dataset.from_tensor_slices((data.x, data.y)).shuffle(len(data.x))
+    return (model, loss_fn, keras.optimizers.Adam(learning_rate=LEARNING_RATE),
+            dataset.batch(BATCH_SIZE))
 
 
 def manual_tf2_loop(task, data, device):
     import tensorflow as tf
-    from tensorflow import keras
-    tf.random.set_seed(config.SEED)
-    model, loss_fn = _keras_model(task, data)
-    optimizer = keras.optimizers.Adam(learning_rate=LEARNING_RATE)
-    dataset = _tf_dataset(data)
+    model, loss_fn, optimizer, dataset = _keras_setup(task, data)
 
     @tf.function
     def train_step(inputs, targets):
@@ -157,17 +149,11 @@ def manual_tf2_loop(task, data, device):
 
 
 def manual_keras_fit(task, data, device):
-    import tensorflow as tf
-    from tensorflow import keras
-    tf.random.set_seed(config.SEED)
-    model, loss_fn = _keras_model(task, data)
-    model.compile(optimizer=keras.optimizers.Adam(learning_rate=LEARNING_RATE), loss=loss_fn,
-                  metrics=["accuracy"] if task == "cnn" else [])
-    dataset = _tf_dataset(data)
+    model, loss_fn, optimizer, dataset = _keras_setup(task, data)
+    model.compile(optimizer=optimizer, loss=loss_fn, metrics=["accuracy"] if task == "cnn" else [])
     return fit_epochs(model, lambda n: dataset)
 
 
-# -- TF1 ----------------------------------------------------------------------------------
 def manual_tf1_graph(task, data, device):
     import tensorflow as tf
     v1 = tf.compat.v1
@@ -195,17 +181,15 @@ def manual_tf1_graph(task, data, device):
                                     initializer=glorot())
                 b = v1.get_variable(f"conv{i}_b", [filters], initializer=zeros())
                 h = tf.nn.conv2d(h, w, strides=1, padding="SAME") + b
-                gamma = v1.get_variable(f"bn{i}_gamma", [filters], initializer=ones())
-                beta = v1.get_variable(f"bn{i}_beta", [filters], initializer=zeros())
-                moving_mean = v1.get_variable(f"bn{i}_mean", [filters], trainable=False,
-                                              initializer=zeros())
-                moving_var = v1.get_variable(f"bn{i}_var", [filters], trainable=False,
-                                             initializer=ones())
+                gamma, beta, moving_mean, moving_var = (
+                    v1.get_variable(f"bn{i}_{name}", [filters], initializer=init(),
+                                    trainable=name in ("gamma", "beta"))
+                    for name, init in (("gamma", ones), ("beta", zeros), ("mean", zeros),
+                                       ("var", ones)))
                 mean, var = tf.nn.moments(h, axes=[0, 1, 2])
-                v1.add_to_collection(v1.GraphKeys.UPDATE_OPS,
-                                     v1.assign(moving_mean, 0.99 * moving_mean + 0.01 * mean))
-                v1.add_to_collection(v1.GraphKeys.UPDATE_OPS,
-                                     v1.assign(moving_var, 0.99 * moving_var + 0.01 * var))
+                for moving, batch in ((moving_mean, mean), (moving_var, var)):
+                    v1.add_to_collection(v1.GraphKeys.UPDATE_OPS,
+                                         v1.assign(moving, 0.99 * moving + 0.01 * batch))
                 mean, var = tf.cond(training, lambda: (mean, var),
                                     lambda: (tf.identity(moving_mean), tf.identity(moving_var)))
                 h = tf.nn.relu(tf.nn.batch_normalization(h, mean, var, beta, gamma, 1e-3))

@@ -1,10 +1,8 @@
 """The data every training benchmark trains on, the same for every pipeline.
 
-CNN: ``common.datasets.make_synthetic_images``, CIFAR-shaped uint8 images in 10
-classes, given to the implementations as NHWC float32 normalised per channel; the
-manual torch pipeline normalises the uint8 images itself (``ToTensor`` +
-``Normalize`` with the statistics computed here): the same numbers. MLP:
-``make_friedman1`` rows of 10 features (the ``friedman`` dataset's generator),
+CNN: ``make_synthetic_images``, CIFAR-shaped uint8 images in 10 classes, as NHWC float32
+normalised per channel (the manual torch pipeline normalises the uint8 images itself with the
+statistics computed here: the same numbers). MLP: ``make_friedman1`` rows of 10 features,
 standardised; targets float32 (n, 1).
 """
 from dataclasses import dataclass

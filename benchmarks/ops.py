@@ -1,34 +1,29 @@
 """How two operations scale with size, in every framework: ``python -m benchmarks.ops``.
 
-A square matrix product (2 n^3 FLOPs) and a 3x3 'valid' convolution of an n x n
-image (cross-correlation, as the frameworks define it: 18 (n-2)^2 FLOPs) in pure
-Python (the product in i-j-k and i-k-j loop order: the same body, only the order
-differs), numpy / scipy, the product in C compiled at run time in steps towards BLAS
-(``scratch.matmul``: naive, loop order, blocked, vectorised, threads; skipped with a
-reason without a compiler), PyTorch (NCHW) and TensorFlow (NHWC), on the CPU and on
-a visible GPU (TF32 off). Each backend gets the same float32 inputs: a warm-up
-call, then the median of repeats of at least 20 ms (GPU work synchronised
-before the clock stops). Each result is checked in float64 (the product by
-Freivalds' projection ``C v == A (B v)``); an error above ``TOLERANCE`` stops the
-backend and makes the command exit 1. Sizes double from 16 until one takes
-longer than ``--budget`` seconds or the next would take four budgets. Outputs in
-``--out``: ops.json, every row and each backend's fitted scaling exponent (the
-slope of log time against log n: pure Python's is about 3 and 2); ops.csv, the rows;
-ops.png, GFLOP/s against n per backend."""
+A square matrix product (2 n^3 FLOPs) and a 3x3 'valid' convolution (cross-correlation, as
+the frameworks define it: 18 (n-2)^2 FLOPs) in pure Python (the product in i-j-k and i-k-j
+order), numpy / scipy, C compiled at run time in steps towards BLAS (``scratch.matmul``),
+PyTorch and TensorFlow on the CPU and on a GPU torch sees, and cupy there; TF32 off. What
+cannot run is reported skipped, with why. All get the same float32 inputs: a warm-up call,
+then the median of repeats of at least 20 ms (GPU work synchronised). Each result is checked
+in float64 (the product by Freivalds' projection); an error above ``TOLERANCE`` stops the
+backend and makes the command exit 1. Sizes double from 16 until one takes longer than
+``--budget`` seconds or the next would take four budgets. ``--out`` gets ops.json (rows,
+each backend's fitted scaling exponent: pure Python's is about 3 and 2), ops.csv, ops.png.
+"""
 import argparse
 import csv
 import math
+import os
 import statistics
 import sys
 import time
 from collections import namedtuple
 from pathlib import Path
 
-import common  # noqa: F401  (installs the torch/tensorflow import-order guard first)
 import numpy as np
 
-from common.cli import positive_float
-from common.errors import UserError
+from common.cli import positive_float  # importing common installs the import-order guard
 from common.outputs import atomic_path, plot_gflops, write_json
 from benchmarks import machine
 from scratch.matmul import compiled_matmuls
@@ -44,7 +39,8 @@ def flops(op, n):
 
 
 # run(*prepared) is timed; prepare(*numpy inputs) is not; sync() waits for the device's queue.
-Backend = namedtuple("Backend", "name op device run prepare sync", defaults=(None, None))
+# A backend that cannot run here (op None: neither) has only `why`, to be reported skipped.
+Backend = namedtuple("Backend", "name op device run prepare sync why", defaults=(None,) * 4)
 
 
 def matmul_ijk(a, b):
@@ -79,13 +75,12 @@ def cpu_backends():
     from scipy.signal import correlate2d
     lists = lambda *arrays: [a.tolist() for a in arrays]  # noqa: E731
     compiled, why = compiled_matmuls()
-    if why:
-        print(f"  {why}")
     return [Backend("python ijk", "matmul", "cpu", matmul_ijk, lists),
             Backend("python ikj", "matmul", "cpu", matmul_ikj, lists),
             Backend("python loops", "conv2d", "cpu", conv2d_loops, lists),
             Backend("numpy", "matmul", "cpu", np.matmul),
             *(Backend(name, "matmul", "cpu", fn) for name, fn in compiled.items()),
+            *([Backend("compiled C", "matmul", "cpu", why=why)] if why else []),
             Backend("scipy", "conv2d", "cpu", lambda x, k: correlate2d(x, k, mode="valid"))]
 
 
@@ -121,18 +116,31 @@ def tf_backends(device):
                                      tf.identity(k[:, :, None, None])]), sync)]
 
 
+def cupy_backends():
+    os.environ["CUPY_TF32"] = "0"  # cupy's default (read at the first matmul), as elsewhere
+    import cupy
+    from cupyx.scipy.signal import correlate2d
+    prepare, sync = lambda *a: [cupy.asarray(x) for x in a], cupy.cuda.Device().synchronize
+    return [Backend("cupy", "matmul", "cuda", cupy.matmul, prepare, sync),
+            Backend("cupy", "conv2d", "cuda", lambda x, k: correlate2d(x, k, mode="valid"),
+                    prepare, sync)]
+
+
 def collect_backends(device):
-    """The backends for --device; torch is imported before tensorflow."""
-    cpu, gpu = device in ("auto", "cpu"), device in ("auto", "cuda") and machine.may_have_cuda()
+    """The backends for --device, those that cannot run included; torch is imported before
+    tensorflow. A GPU is one torch sees."""
     import torch
-    backends = cpu_backends() + torch_backends("cpu") if cpu else []
-    backends += torch_backends("cuda") if gpu and torch.cuda.is_available() else []
-    import tensorflow as tf
-    backends += tf_backends("cpu") if cpu else []
-    backends += tf_backends("cuda") if gpu and tf.config.list_physical_devices("GPU") else []
-    if not backends:
-        raise UserError("--device cuda was asked for but no GPU is visible; "
-                        "use --device cpu or auto")
+    cpu = device in ("auto", "cpu")
+    gpu = machine.resolve_device(device, torch.cuda.is_available) == "cuda"
+    backends = (cpu_backends() + torch_backends("cpu") if cpu else []) + (
+        torch_backends("cuda") if gpu else [])
+    for d in ["cpu"] * cpu + ["cuda"] * gpu:
+        why = machine.tensorflow_problem(d)
+        backends += [Backend("tensorflow", None, d, why=why)] if why else tf_backends(d)
+    try:
+        backends += cupy_backends() if gpu else []
+    except Exception as exc:  # not installed, or without a CUDA runtime it can use
+        backends.append(Backend("cupy", None, "cuda", why=f"cupy does not load ({exc})"))
     return backends
 
 
@@ -148,6 +156,7 @@ def relative_error(op, inputs, result):
     not BLAS, whose threads would keep spinning into the next timed call)."""
     a, b = (x.astype(np.float64) for x in inputs)
     mv = lambda m, x: np.einsum("ij,jk->ik", m, x, optimize=False)  # noqa: E731
+    result = result.get() if type(result).__module__.startswith("cupy") else result
     result = result.cpu() if hasattr(result, "detach") else result  # a torch tensor
     result = np.squeeze(np.asarray(result, np.float64))
     if op == "matmul":
@@ -170,8 +179,7 @@ def time_call(fn, sync, repeats, budget):
     result = fn()
     sync()
     number = max(1, math.ceil(0.02 / max(time.perf_counter() - start, 1e-9)))
-    if time.perf_counter() - start > budget:
-        repeats = min(repeats, 2)
+    repeats = min(repeats, 2) if time.perf_counter() - start > budget else repeats
     seconds = []
     for _ in range(repeats):
         start = time.perf_counter()
@@ -224,8 +232,7 @@ def fit_exponent(rows):
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m benchmarks.ops",
                                      description=__doc__.split("\n")[0])
-    parser.add_argument("--out", default=None,
-                        help="output directory (default runs/benchmarks-ops-<time>)")
+    parser.add_argument("--out", help="output directory (default runs/benchmarks-ops-<time>)")
     parser.add_argument("--quick", action="store_true", help="small sizes, short budget: smoke run")
     parser.add_argument("--budget", type=positive_float, default=None,
                         help="seconds one size may take before a backend stops (3; --quick 0.1)")
@@ -233,10 +240,14 @@ def main(argv=None):
     args = parser.parse_args(argv)
     budget = args.budget or (0.1 if args.quick else 3.0)
     out = Path(args.out or f"runs/benchmarks-ops-{time.strftime('%Y%m%d-%H%M%S')}")
-    info = machine.machine_info()
-    print(f"benchmarks.ops on {machine.describe(info)}; budget {budget:g} s per size")
+    info, backends = machine.machine_info(), collect_backends(args.device)
+    skipped = [f"{b.name} ({b.device}): {b.why}" for b in backends if b.why]
+    if "cupy" in sys.modules:  # its dist is cupy-cuda13x, cupy-cuda12x...: ask the module
+        info["versions"]["cupy"] = sys.modules["cupy"].__version__
+    print(f"benchmarks.ops on {machine.describe(info)}; budget {budget:g} s per size; TF32 off")
+    print("".join(f"  skipped {line}\n" for line in skipped), end="")
     rows, summary = [], []
-    for backend in collect_backends(args.device):
+    for backend in (b for b in backends if not b.why):
         time.sleep(0.3)  # the previous framework's worker threads stop spinning
         mine, stopped = sweep(backend, (QUICK_MAX_SIZE if args.quick else MAX_SIZE)[backend.op],
                               budget, 3 if args.quick else 5)
@@ -247,8 +258,8 @@ def main(argv=None):
                         "peak_gflops": max((r["gflops"] for r in mine), default=None)})
         print(f"  {backend.op} {backend.name} ({backend.device}): scaling exponent "
               f"{summary[-1]['exponent'] or float('nan'):.2f}; stopped: {stopped}", flush=True)
-    write_json(out / "ops.json", {"machine": info, "budget_seconds": budget, "summary": summary,
-                                  "rows": rows})
+    write_json(out / "ops.json", {"machine": info, "budget_seconds": budget, "tf32": "off",
+                                  "summary": summary, "skipped": skipped, "rows": rows})
     with atomic_path(out / "ops.csv") as tmp, open(tmp, "w", newline="") as f:
         (w := csv.DictWriter(f, list(rows[0]))).writeheader(), w.writerows(rows)
     plot_gflops(out / "ops.png", rows)

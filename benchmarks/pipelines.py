@@ -1,13 +1,10 @@
 """The measured pipelines, and the process that measures them.
 
-A pipeline is an entry point in its ``plain`` or ``fast`` variant, or one of the
-manual's references (``benchmarks.baselines``, variant ``manual``). An entry
-point's pipeline is set up with its implementation's own functions, picked as
-the entry point picks them (``Parts``: with ``--fast`` the one of that name in
-``fast.py``, else ``models.py`` / ``train.py``'s). One epoch is timed: its
-batches (``make_batches``) and ``train_one_epoch``, or one ``model.fit`` epoch;
-validation, checkpoints and the runner's bookkeeping are left out, as they are
-for the references. ``work`` is the body of one benchmark process.
+A pipeline is an entry point in its ``plain`` or ``fast`` variant, set up with its
+implementation's own functions picked as the entry point picks them (``Parts``), or one of
+the manual's references (``benchmarks.baselines``, variant ``manual``). One epoch is timed:
+its batches and ``train_one_epoch``, or one ``model.fit`` epoch; validation, checkpoints and
+bookkeeping are left out, as for the references. ``work`` is one benchmark process.
 """
 import os
 import traceback
@@ -22,12 +19,10 @@ from benchmarks.data import benchmark_data
 SEED, BATCH_SIZE, LEARNING_RATE = config.SEED, config.BATCH_SIZE, config.LEARNING_RATE
 
 # loop: (package, CNN entry point, MLP entry point, the manual reference it is measured against)
-LOOPS = {
-    "torch": ("torch_impl", "run_cnn", "run_nn", "manual torch DataLoader pipeline"),
-    "tape": ("tf2_impl", "run_cnn", "run_nn", "manual TF2 GradientTape loop"),
-    "fit": ("tf2_impl", "run_cnn_keras", "run_nn_keras", "manual Keras fit"),
-    "tf1": ("tf1_compat", "run_cnn", "run_nn", "manual TF1 graph"),
-}
+LOOPS = {"torch": ("torch_impl", "run_cnn", "run_nn", "manual torch DataLoader pipeline"),
+         "tape": ("tf2_impl", "run_cnn", "run_nn", "manual TF2 GradientTape loop"),
+         "fit": ("tf2_impl", "run_cnn_keras", "run_nn_keras", "manual Keras fit"),
+         "tf1": ("tf1_compat", "run_cnn", "run_nn", "manual TF1 graph")}
 VARIANTS = ("plain", "fast")
 
 
@@ -37,13 +32,8 @@ class Pipeline:
     variant: str   # "plain", "fast" or "manual"
     loop: str      # its key in LOOPS
 
-    @property
-    def reference(self):
-        return LOOPS[self.loop][3]
-
-    @property
-    def package(self):
-        return LOOPS[self.loop][0]
+    reference = property(lambda self: LOOPS[self.loop][3])  # the manual reference's name
+    package = property(lambda self: LOOPS[self.loop][0])
 
 
 def pipelines(task):
@@ -153,11 +143,9 @@ def _failure(exc):
 
 
 def work(group, settings, conn, log):
-    """One benchmark process: set up the pipelines of `group`, then train them epoch by
-    epoch, one epoch of each in turn; without --quick it says "ready" on `conn` before
-    every epoch and waits for "go" (one process computes at a time). Sends
-    {pipeline: {"epoch_seconds": [...], "error": None or one line}} at the end. Its
-    output (progress bars, framework logs, tracebacks) goes to the file `log`."""
+    """One benchmark process: set up `group`, then train one epoch of each in turn (without
+    --quick: "ready" on `conn`, then wait for "go"); send {pipeline: {"epoch_seconds": [...],
+    "error": None or one line}} at the end. Its output (framework logs...) goes to `log`."""
     out = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
     os.dup2(out, 1)
     os.dup2(out, 2)

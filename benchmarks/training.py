@@ -1,14 +1,12 @@
 """Training throughput of every pipeline of one task: ``python -m benchmarks.training``.
 
-The CNN (CIFAR-shaped synthetic images) or the MLP (make_friedman1 rows) through
-every entry point, ``plain`` and ``fast``, and the course manual's references
-(``benchmarks.pipelines``). Each pipeline runs in a freshly spawned process
-(only its framework imported, ``CUDA_VISIBLE_DEVICES=""`` on the CPU). The
-processes take turns, one epoch each per round, so a slow spell of a shared
-machine spreads over all of them. A figure is the median of the timed epochs
-after one warm-up epoch; its ratio divides it by its framework's manual
-reference in the same run. ``--quick`` is a smoke run (small data, one timed
-epoch, one process per framework, no turns): not a measurement.
+The CNN (CIFAR-shaped images) or the MLP (make_friedman1 rows) through every entry point,
+``plain`` and ``fast``, and the manual's references (``benchmarks.pipelines``), each in a
+freshly spawned process (``CUDA_VISIBLE_DEVICES=""`` on the CPU). They take turns, one epoch
+each per round, so a slow spell of a shared machine spreads over all. A figure is the median
+of the timed epochs after one warm-up; its ratio divides it by its framework's reference in
+the same run. TensorFlow's pipelines run only where TensorFlow imports (and on CUDA sees a
+GPU), else they are reported skipped. ``--quick``: a smoke run, one process per framework.
 """
 import argparse
 import multiprocessing
@@ -19,10 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-import common  # noqa: F401  (installs the torch/tensorflow import-order guard first)
-
 from common.cli import positive_int
-from common.errors import UserError
 from common.outputs import atomic_write_text, write_json
 from benchmarks import machine
 from benchmarks.pipelines import pipelines, work
@@ -32,16 +27,24 @@ QUICK_ITEMS = {"cnn": 300, "mlp": 2000}
 UNIT = {"cnn": "images/s", "mlp": "rows/s"}
 PAUSE = 0.2      # seconds between turns: the last process's worker threads stop spinning
 TIMEOUT = 1800   # seconds a process may go without a word before it is stopped
+TF32 = "framework defaults (torch: convolutions; tensorflow: all)"  # no --deterministic here
 
 
-def resolve_device(name):
-    """auto: CUDA when torch sees a GPU (asked in a throw-away process), else the CPU."""
-    found = name != "cpu" and machine.may_have_cuda() and subprocess.run(
-        [sys.executable, "-c", "import torch; print(torch.cuda.is_available())"],
-        capture_output=True, text=True).stdout.strip().endswith("True")
-    if name == "cuda" and not found:
-        raise UserError("--device cuda was asked for but no GPU is visible; use --device cpu or auto")
-    return "cuda" if found else "cpu"
+def ask(code):
+    """The last line `code` prints in a throw-away process (this one and the workers it
+    spawns stay free of frameworks), or the last line of its error."""
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    return (run.stdout.strip() or "the probe failed: " + run.stderr.strip()).splitlines()[-1]
+
+
+def select(task, device):
+    """(pipelines of `task` to measure, ["name (variant): why" of those skipped]): no worker
+    that could only fail starts (the GPU check machines have torch but no TensorFlow)."""
+    why = ask("from benchmarks.machine import tensorflow_problem; "
+              f"print(tensorflow_problem({device!r}))")
+    skipped = [p for p in pipelines(task) if why != "None" and p.loop != "torch"]
+    return ([p for p in pipelines(task) if p not in skipped],
+            [f"{p.name} ({p.variant}): {why}" for p in skipped])
 
 
 def receive(conn, process, log):
@@ -53,16 +56,14 @@ def receive(conn, process, log):
     except EOFError:
         why = "the process ended"
     process.join(5)
-    if process.is_alive():
-        process.kill()
-        process.join()
+    process.kill()  # a no-op once it has ended
+    process.join()
     return f"{why} (exit code {process.exitcode}; log {log})"
 
 
 def measure(groups, settings, logs):
-    """{pipeline: {"epoch_seconds", "error"}} of every pipeline of `groups` (one list per
-    process, ``benchmarks.pipelines.work``): the processes set up one after the other, then
-    take turns, one epoch each per round (with --quick they all run at once, no turns)."""
+    """{pipeline: {"epoch_seconds", "error"}} of `groups` (one list per process): they set up
+    one after the other, then take turns, one epoch each per round (--quick: all at once)."""
     context, workers, messages = multiprocessing.get_context("spawn"), [], []
     for i, group in enumerate(groups):
         conn, child = context.Pipe()
@@ -84,13 +85,10 @@ def measure(groups, settings, logs):
                 conn.send("go")
                 messages[i] = receive(conn, process, log)
         print(f"  round {rounds} of {settings['warmup'] + settings['epochs']} done", flush=True)
-    results = {}
-    for group, message, (_, process, _) in zip(groups, messages, workers):
+    for _, process, _ in workers:
         process.join()
-        for p in group:
-            results[p] = message[p] if isinstance(message, dict) else {"epoch_seconds": [],
-                                                                        "error": message}
-    return results
+    return {p: message[p] if isinstance(message, dict) else {"epoch_seconds": [], "error": message}
+            for group, message in zip(groups, messages) for p in group}
 
 
 def make_records(results, settings, info):
@@ -119,7 +117,7 @@ def make_records(results, settings, info):
     return records, failures
 
 
-def report(records, failures, settings, info):
+def report(records, failures, skipped, settings, info):
     """The table: per implementation, plain next to fast, and both against its reference."""
     rate = {(r["name"], r["variant"]): r["items_per_second"] for r in records}
     number = lambda v: f"{v:,.0f}" if v else "-"  # noqa: E731
@@ -128,7 +126,7 @@ def report(records, failures, settings, info):
     lines = [f"benchmarks.training on {machine.describe(info)}",
              f"{settings['task'].upper()} on {settings['device']}, {UNIT[settings['task']]}: "
              f"{settings['items']:,} items, batch 100, median of {settings['epochs']} timed "
-             f"epochs after {settings['warmup']} warm-up{quick}", "",
+             f"epochs after {settings['warmup']} warm-up; TF32 {settings['tf32']}{quick}", "",
              f"{'implementation':24s} {'plain':>9s} {'fast':>9s} {'fast/plain':>10s}   "
              f"{'manual reference':34s} {'manual':>9s} {'plain/ref':>9s} {'fast/ref':>9s}"]
     found = pipelines(settings["task"])  # per loop: manual, plain, fast
@@ -136,14 +134,12 @@ def report(records, failures, settings, info):
         m, p, f = (rate.get((x.name, x.variant)) for x in (manual, plain, fast))
         lines.append(f"{plain.name:24s} {number(p):>9s} {number(f):>9s} {ratio(f, p):>10s}   "
                      f"{manual.name:34s} {number(m):>9s} {ratio(p, m):>9s} {ratio(f, m):>9s}")
-    return "\n".join(lines + [f"FAILED {line}" for line in failures])
+    return "\n".join(lines + [f"FAILED {f}" for f in failures] + [f"SKIPPED {s}" for s in skipped])
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(
-        prog="python -m benchmarks.training",
-        description="Training throughput of every entry point, plain and --fast, against the "
-                    "course manual's pipeline of the same framework, each in its own process.")
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.training",
+                                     description=__doc__.split("\n")[0])
     parser.add_argument("--task", default="cnn", choices=("cnn", "mlp"))
     parser.add_argument("--epochs", type=positive_int, default=5,
                         help="timed epochs (default 5), after one warm-up epoch")
@@ -162,29 +158,31 @@ def build_parser():
 def main(argv=None):
     args = build_parser().parse_args(argv)
     items = args.items or (QUICK_ITEMS if args.quick else ITEMS)[args.task]
-    settings = {"task": args.task, "device": resolve_device(args.device), "items": items,
-                "warmup": 1, "epochs": 1 if args.quick else args.epochs, "quick": args.quick}
+    device = machine.resolve_device(
+        args.device, lambda: ask("import torch; print(torch.cuda.is_available())") == "True")
+    settings = {"task": args.task, "device": device, "items": items, "warmup": 1,
+                "epochs": 1 if args.quick else args.epochs, "quick": args.quick,
+                "tf32": TF32 if device == "cuda" else "none (CPU)"}
     out = Path(args.out) if args.out else None
     logs = out / "logs" if out else Path(tempfile.mkdtemp(prefix="benchmarks-training-"))
     logs.mkdir(parents=True, exist_ok=True)
     info = machine.machine_info()
-    measured = pipelines(args.task)
-    if args.quick:  # one process per framework: start-up would be most of a smoke run
-        groups = [[p for p in measured if p.package == package]
-                  for package in dict.fromkeys(p.package for p in measured)]
-    else:
-        groups = [[p] for p in measured]
-    print(f"benchmarks.training: {len(measured)} pipelines in {len(groups)} processes "
-          f"(logs in {logs})", flush=True)
+    measured, skipped = select(args.task, device)
+    packages = dict.fromkeys(p.package for p in measured)  # --quick: one process per framework
+    groups = ([[p for p in measured if p.package == k] for k in packages] if args.quick
+              else [[p] for p in measured])
+    print(f"benchmarks.training: {len(measured)} pipelines in {len(groups)} processes, "
+          f"{len(skipped)} skipped (logs in {logs})", flush=True)
     started = time.perf_counter()
     records, failures = make_records(measure(groups, settings, logs), settings, info)
-    table = report(records, failures, settings, info)
+    table = report(records, failures, skipped, settings, info)
     print("\n" + table + f"\n\n{time.perf_counter() - started:.0f} s in all")
     if args.json:
         write_json(Path(args.json), records)
     if out:
         write_json(out / "training.json", {"machine": info, "settings": settings,
-                                           "records": records, "failures": failures})
+                                           "records": records, "failures": failures,
+                                           "skipped": skipped})
         atomic_write_text(out / "training.txt", table + "\n")
     if failures:
         print(f"error: {len(failures)} of {len(measured)} pipelines failed (logs in {logs})",

@@ -16,6 +16,7 @@ appears far from its cause.
 """
 import importlib.abc
 import importlib.util
+import os
 import sys
 import warnings
 
@@ -53,7 +54,13 @@ def _import_triton_if_installed():
 
 
 def install_import_guard():
-    """Make the torch/tensorflow import order safe for this process (idempotent)."""
+    """Make the torch/tensorflow import order safe for this process (idempotent).
+
+    Also lets TensorFlow take GPU memory as it needs it: by default its first op maps
+    nearly all of a GPU's memory, and torch, or another TensorFlow process, sharing the
+    GPU then runs out. TensorFlow reads the variable when it first sets up its GPUs.
+    """
+    os.environ.setdefault("TF_FORCE_GPU_ALLOW_GROWTH", "true")
     if "tensorflow" in sys.modules:
         if "triton" not in sys.modules:
             sys.modules["triton"] = None  # makes `import triton` raise ImportError
@@ -61,3 +68,20 @@ def install_import_guard():
         return
     if not any(isinstance(f, _TritonFirstFinder) for f in sys.meta_path):
         sys.meta_path.insert(0, _TritonFirstFinder())
+
+
+def tf32_in_use(implementation, device):
+    """Whether a run's matrix products or convolutions may use TF32 (10-bit mantissas).
+
+    TF32 exists only on CUDA GPUs (Ampere and newer). torch allows it for cuDNN
+    convolutions by default and not for matrix products; TensorFlow allows it for
+    both. ``make_deterministic`` turns it off in every framework.
+    """
+    if not str(device).startswith("cuda"):
+        return False
+    if implementation == "torch":
+        backends = sys.modules["torch"].backends
+        return bool(backends.cuda.matmul.allow_tf32 or backends.cudnn.allow_tf32)
+    if implementation in ("tf2", "tf1_compat"):
+        return bool(sys.modules["tensorflow"].config.experimental.tensor_float_32_execution_enabled())
+    return False

@@ -36,6 +36,7 @@ import numpy as np
 
 from common import cli
 from common.errors import Interrupted, NonFiniteLossError, UserError
+from common.frameworks import tf32_in_use
 from common.outputs import (atomic_write_text, plot_curves, predictions_csv, setup_logger,
                             write_json)
 from common.seed import epoch_seed
@@ -255,7 +256,8 @@ class TrainingRun:
             "implementation": self.implementation, "entry_point": self.args.module,
             "variant": "fast" if getattr(self.args, "fast", False) else "plain",
             **self.details,
-            "dataset": d.name, "task": self.task, "device": self.device, "test": test,
+            "dataset": d.name, "task": self.task, "device": self.device,
+            "tf32": tf32_in_use(self.implementation, self.device), "test": test,
             "best_epoch": self.best_epoch, "epochs": self.history,
             "seconds": time.perf_counter() - self.start_time,
             "items_per_second": self.items_per_second(),

@@ -1,12 +1,18 @@
 """Test-suite set-up shared by every test process.
 
 * ``import common`` first: it installs the torch/tensorflow import-order guard
-  (common/frameworks.py), and torch is imported before tensorflow anyway.
+  (common/frameworks.py) and TensorFlow's GPU memory growth, and torch is imported
+  before tensorflow anyway. TensorFlow is optional here: the GPU check machines
+  run the torch tests without it.
 * Precision settings are pinned before any framework is used, because parity
   checks compare numbers across frameworks: oneDNN's fused CPU kernels off
   (``TF_ENABLE_ONEDNN_OPTS=0``), XLA auto-clustering off, TF32 off on both sides
   (it only matters on Ampere or newer GPUs, where it is torch's and TF's default
   for convolutions / TF's for matmuls).
+* ``--device cpu|cuda`` (default cpu) is where the device tests run: the fixtures
+  ``device`` (torch) and ``tf_device`` (TensorFlow) give it, or skip the test with the
+  reason when that framework sees no GPU. With cpu, TensorFlow's GPUs are hidden, so
+  every in-process TensorFlow run of the session is on the CPU.
 """
 import importlib
 import json
@@ -29,16 +35,56 @@ import torch  # noqa: E402
 torch.backends.cuda.matmul.allow_tf32 = False
 torch.backends.cudnn.allow_tf32 = False
 
-
-import tensorflow as tf  # noqa: E402  (after torch: see common/frameworks.py)
-
-tf.config.experimental.enable_tensor_float_32_execution(False)
+try:
+    import tensorflow as tf  # noqa: E402  (after torch: see common/frameworks.py)
+except ImportError:
+    tf = None
+else:
+    tf.config.experimental.enable_tensor_float_32_execution(False)
 
 from common.config import cnn_parameter_shapes, mlp_parameter_shapes  # noqa: E402
 from common.runner import TrainingRun, run_main  # noqa: E402
 
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 REPO = Path(__file__).resolve().parent.parent
+NO_TF_GPU = ("TensorFlow sees no GPU: the default install's TensorFlow finds no CUDA 12 "
+             "libraries (uv sync --extra gpu installs them)")
+
+
+def pytest_addoption(parser):
+    parser.addoption("--device", choices=("cpu", "cuda"), default="cpu",
+                     help="where the device tests run (default cpu); cuda skips, with the "
+                          "reason, the frameworks that see no GPU")
+
+
+def pytest_configure(config):
+    if tf is not None and config.getoption("device") == "cpu":
+        tf.config.set_visible_devices([], "GPU")
+
+
+def pytest_report_header(config):
+    tf_gpus = "no tensorflow" if tf is None else len(tf.config.list_physical_devices("GPU"))
+    return (f"--device {config.getoption('device')}: torch sees {torch.cuda.device_count()} "
+            f"GPU(s), tensorflow {tf_gpus}")
+
+
+@pytest.fixture
+def device(request):
+    """The torch device of the device tests: "cpu", or "cuda" when torch sees a GPU."""
+    name = request.config.getoption("device")
+    if name == "cuda" and not torch.cuda.is_available():
+        pytest.skip("--device cuda: torch sees no CUDA GPU")
+    return name
+
+
+@pytest.fixture
+def tf_device(request):
+    """The TensorFlow device of the device tests, like ``device``."""
+    name = request.config.getoption("device")
+    if tf is None:
+        pytest.skip("tensorflow is not installed")
+    if name == "cuda" and not tf.config.get_visible_devices("GPU"):
+        pytest.skip(f"--device cuda: {NO_TF_GPU}")
+    return name
 
 
 @pytest.fixture(autouse=True)

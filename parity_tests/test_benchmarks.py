@@ -7,6 +7,8 @@ is timed or asserts a speed: measuring is what ``python -m benchmarks.training``
 import contextlib
 import json
 import math
+import sys
+import types
 
 import numpy as np
 import pytest
@@ -109,6 +111,48 @@ def test_main_writes_the_records_as_a_json_list(tmp_path, monkeypatch, capsys, b
         assert "FAILED tf2_impl.run_nn_keras (fast): RuntimeError: boom" in report.out
 
 
+NO_GPU = "tensorflow 2.21.0 sees no GPU (it needs the CUDA 12 libraries of `uv sync --extra gpu`)"
+
+
+def fake_probe(tensorflow_answer):
+    """`training.ask` answering as a machine where torch sees a GPU and TensorFlow says
+    `tensorflow_answer` ("None": it can run there)."""
+    def ask(code):
+        return "True" if "torch.cuda" in code else tensorflow_answer
+    return ask
+
+
+@pytest.mark.parametrize("why", ["None", NO_GPU, "tensorflow is not installed (simulated)"])
+def test_tensorflow_pipelines_are_skipped_with_the_reason_where_tensorflow_cannot_run(
+        tmp_path, monkeypatch, capsys, why):
+    monkeypatch.setattr(training, "ask", fake_probe(why))
+    monkeypatch.setattr(training.machine, "may_have_cuda", lambda: True)
+    measured, skipped = training.select("cnn", "cuda")
+    tensorflow = [p for p in pipelines("cnn") if p.package != "torch_impl"]
+    if why == "None":
+        assert (measured, skipped) == (pipelines("cnn"), [])
+        return
+    assert measured == [p for p in pipelines("cnn") if p.package == "torch_impl"]
+    assert skipped == [f"{p.name} ({p.variant}): {why}" for p in tensorflow]
+    started = []
+
+    def measure(groups, settings, logs):  # the torch pipelines train; nothing else starts
+        started.extend(p for group in groups for p in group)
+        rates = {(p.name, p.variant): 100.0 for p in started}
+        return {p: r for p, r in fake_results("cnn", rates, settings["items"]).items()
+                if p in started}
+    monkeypatch.setattr(training, "measure", measure)
+    training.main(["--device", "auto", "--items", "300", "--out", str(tmp_path)])  # no exit 1
+    assert started == measured
+    saved = json.loads((tmp_path / "training.json").read_text())
+    assert saved["settings"]["device"] == "cuda" and saved["settings"]["tf32"] == training.TF32
+    assert (saved["skipped"], saved["failures"]) == (skipped, [])
+    assert {r["name"] for r in saved["records"]} == {p.name for p in measured}
+    out = capsys.readouterr().out
+    assert all(f"SKIPPED {line}" in out for line in skipped) and "FAILED" not in out
+    assert "TF32 framework defaults" in out
+
+
 def test_fast_functions_replace_the_plain_ones_of_the_same_name():
     from torch_impl import fast, models, train
     quick, plain = Parts("torch_impl", True), Parts("torch_impl", False)
@@ -178,3 +222,27 @@ def test_ops_quick_smoke(tmp_path, capsys):
                     ("conv2d", "scipy"), ("conv2d", "torch"), ("conv2d", "tensorflow")} | compiled
     assert all(r["correct"] and r["seconds"] > 0 for r in saved["rows"])
     assert len(saved["summary"]) == 9 + len(compiled) and saved["machine"]["cpu"]
+
+
+def test_ops_reports_tensorflow_skipped_and_runs_the_others(monkeypatch):
+    why = "tensorflow is not installed (simulated)"
+    monkeypatch.setattr(ops.machine, "tensorflow_problem", lambda device: why)
+    backends = ops.collect_backends("cpu")
+    assert [b for b in backends if b.name == "tensorflow"] == [
+        ops.Backend("tensorflow", None, "cpu", why=why)]
+    assert {b.name for b in backends if not b.why} >= {"numpy", "scipy", "torch"}
+
+
+def test_ops_records_what_was_skipped_tf32_and_cupys_own_version(tmp_path, monkeypatch, capsys):
+    skip = ops.Backend("tensorflow", None, "cuda", why=NO_GPU)
+    monkeypatch.setattr(ops, "collect_backends",
+                        lambda device: [ops.Backend("numpy", "matmul", "cpu", np.matmul), skip])
+    monkeypatch.setitem(sys.modules, "cupy", types.SimpleNamespace(__version__="14.2.0"))
+    ops.main(["--quick", "--budget", "0.002", "--out", str(tmp_path)])  # no exit 1
+    saved = json.loads((tmp_path / "ops.json").read_text())
+    assert saved["skipped"] == [f"tensorflow (cuda): {NO_GPU}"] and saved["tf32"] == "off"
+    assert {r["backend"] for r in saved["rows"]} == {"numpy"}
+    assert saved["machine"]["versions"]["cupy"] == "14.2.0"
+    out = capsys.readouterr().out
+    assert "cupy 14.2.0" in out and "TF32 off" in out
+    assert f"skipped tensorflow (cuda): {NO_GPU}" in out

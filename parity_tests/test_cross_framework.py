@@ -6,7 +6,8 @@ the shared format), train a few epochs on the same split and batches, and write
 ``weights.safetensors``; every one of those files is then evaluated with
 ``--eval-only --weights`` by all four. Runs are in-process calls of each module's
 ``main`` (the subprocess behaviour of the same entry points is covered by each
-implementation's smoke tests).
+implementation's smoke tests). With ``pytest --device cuda`` torch trains on the GPU, and
+TensorFlow too where it sees one (else on the CPU, as its runs' metrics.json record).
 """
 import csv
 
@@ -16,7 +17,7 @@ import torch
 
 from common.datasets import load_dataset
 from common.weights import save_weights, weights_metadata
-from parity_tests.conftest import call, metrics
+from parity_tests.conftest import call, metrics, tf
 from torch_impl.models import build_cnn, build_mlp, export_weights
 
 ENTRY_POINTS = {
@@ -31,8 +32,12 @@ EPOCHS = 4
 BAND = {"cnn": ("accuracy", 0.05), "mlp": ("r2", 0.05)}
 
 
-def _run(module, argv):
-    assert call(module, argv) == 0, module
+def _run(module, argv, device):
+    """Run `module` on the session's --device: TensorFlow on the CPU where it sees no GPU."""
+    if not module.startswith("torch") and device == "cuda" and not tf.config.get_visible_devices("GPU"):
+        device = "cpu"
+    assert call(module, [*argv, "--device", device]) == 0, module
+    assert metrics(argv[argv.index("--out") + 1])["device"] == device, module
 
 
 def _initial_weights(task, path):
@@ -47,7 +52,9 @@ def _initial_weights(task, path):
 @pytest.fixture(scope="module", params=["cnn", "mlp"])
 def trained(request, tmp_path_factory):
     """{module: run directory} after EPOCHS epochs from the shared initial weights."""
-    task = request.param
+    task, device = request.param, request.config.getoption("device")
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("--device cuda: torch sees no CUDA GPU")
     root = tmp_path_factory.mktemp(f"cross-{task}")
     initial = root / "initial.safetensors"
     _initial_weights(task, initial)
@@ -55,9 +62,9 @@ def trained(request, tmp_path_factory):
     for module in ENTRY_POINTS[task]:
         out = root / module
         _run(module, ["--dataset", DATASET[task], "--epochs", str(EPOCHS), "--weights", str(initial),
-                      "--device", "cpu", "--out", str(out)])
+                      "--out", str(out)], device)
         runs[module] = out
-    return task, root, runs
+    return task, root, runs, device
 
 
 def _predictions(run_dir):
@@ -66,7 +73,7 @@ def _predictions(run_dir):
 
 
 def test_convergence_from_the_same_initial_weights(trained):
-    task, _, runs = trained
+    task, _, runs, _ = trained
     metric, band = BAND[task]
     finals = {m: metrics(d)["test"][metric] for m, d in runs.items()}
     assert all(len(metrics(d)["epochs"]) == EPOCHS for d in runs.values())
@@ -77,13 +84,13 @@ def test_convergence_from_the_same_initial_weights(trained):
 def test_cross_framework_eval_only_same_predictions_all_entry_points(trained):
     """Every trained weights file, evaluated by every entry point of its task: same
     argmax everywhere; confidences and regression outputs within 1e-4."""
-    task, root, runs = trained
+    task, root, runs, device = trained
     for writer, run_dir in runs.items():
         reference = _predictions(run_dir)
         for reader in ENTRY_POINTS[task]:
             out = root / f"eval-{writer}-by-{reader}"
             _run(reader, ["--dataset", DATASET[task], "--eval-only", "--weights",
-                          str(run_dir / "weights.safetensors"), "--device", "cpu", "--out", str(out)])
+                          str(run_dir / "weights.safetensors"), "--out", str(out)], device)
             got = _predictions(out)
             assert len(got) == len(reference)
             pairs = f"{writer} -> {reader}"
@@ -103,12 +110,12 @@ def test_cross_framework_eval_only_same_predictions_all_entry_points(trained):
 def test_plain_weights_evaluate_identically_in_every_fast_variant(trained, reader, tmp_path):
     """A CNN trained by the plain torch code, evaluated with --fast by every CNN entry
     point: the fast variants read the shared format and predict what plain torch does."""
-    task, _, runs = trained
+    task, _, runs, device = trained
     if task != "cnn":
         pytest.skip("the fast variants that change the model are the CNN's")
     plain = runs["torch_impl.run_cnn"]
     _run(reader, ["--dataset", DATASET[task], "--eval-only", "--fast", "--weights",
-                  str(plain / "weights.safetensors"), "--device", "cpu", "--out", str(tmp_path)])
+                  str(plain / "weights.safetensors"), "--out", str(tmp_path)], device)
     assert metrics(tmp_path)["variant"] == "fast"
     got, reference = _predictions(tmp_path), _predictions(plain)
     assert [r["prediction"] for r in got] == [r["prediction"] for r in reference], reader

@@ -1,13 +1,9 @@
-"""Cross-framework parity of the shipped models: shapes, forward passes,
-gradients and Adam steps, given the same weights.
-
-Every implementation loads the same shared-format weights (a fresh torch model's,
-with random batch-norm statistics) and sees the same batches. Inputs are 32x32x3, so the
-flattened map before fc1 is 32x4x4: more than one channel and more than 1x1
-spatially, and a wrong flatten order fails.
-Tolerances are for float32 (stated per test); the MLP is also checked against a
-float64 numpy reference. On a machine with a GPU the torch and TF2 checks run
-there too (TF32 is off, see conftest.py).
+"""Cross-framework parity of the shipped models: shapes, forward passes, gradients and
+Adam steps, given the same weights (a fresh torch model's, random batch-norm statistics)
+and batches. Inputs are 32x32x3, so the flattened map before fc1 is 32x4x4: a wrong
+flatten order fails. Tolerances are for float32 (stated per test); the MLP is also
+checked against a float64 numpy reference. With ``pytest --device cuda`` the forward,
+gradient and Adam checks run on the GPU in each framework that sees one (TF32 off).
 """
 import numpy as np
 import pytest
@@ -15,7 +11,7 @@ import torch
 import tensorflow as tf
 
 from common import config, layout
-from parity_tests.conftest import DEVICES, random_shared_weights
+from parity_tests.conftest import random_shared_weights
 from tf1_compat import models as tf1_models
 from tf1_compat import train as tf1_train
 from tf2_impl import models as tf2_models
@@ -26,6 +22,7 @@ from torch_impl import train as torch_train
 tf1 = tf.compat.v1
 INPUT_SHAPE, CLASSES, FEATURES, APIS = (32, 32, 3), 10, 10, tf2_models.APIS
 TASK = {"cnn": "classification", "mlp": "regression"}
+TF_DEVICE = {"cpu": "/CPU:0", "cuda": "/GPU:0"}
 
 
 def _images(n=8, seed=0):
@@ -75,10 +72,10 @@ def tf2_forward(task, weights, x, api):
     return model(x, training=False).numpy()
 
 
-def tf1_forward(task, weights, x):
+def tf1_forward(task, weights, x, device="cpu"):
     with tf.Graph().as_default():
         model = _tf1_model(task)
-        with tf1.Session() as sess:
+        with tf1.Session(config=tf1_train.session_config(device)) as sess:
             tf1_models.import_weights(sess, model, weights)
             return sess.run(model.outputs, tf1_train.feed(model, x))
 
@@ -113,14 +110,14 @@ def test_shapes_whole_model_every_implementation(input_shape):
 
 
 # -- forward parity (layout conversions) ------------------------------------------------------------
-@pytest.mark.parametrize("device", DEVICES)
-def test_forward_parity_cnn_flatten_layout_all_implementations(device):
+def test_forward_parity_cnn_flatten_layout_all_implementations(device, tf_device):
     """Same shared weights -> same logits in torch, the three Keras APIs and the TF1 graph."""
     weights = _shared_weights("cnn")
     x, _ = _images()
     expected = torch_forward("cnn", weights, x, device)
-    outputs = {f"tf2-{api}": tf2_forward("cnn", weights, x, api) for api in APIS}
-    outputs["tf1"] = tf1_forward("cnn", weights, x)
+    with tf.device(TF_DEVICE[tf_device]):
+        outputs = {f"tf2-{api}": tf2_forward("cnn", weights, x, api) for api in APIS}
+    outputs["tf1"] = tf1_forward("cnn", weights, x, tf_device)
     for name, out in outputs.items():
         np.testing.assert_allclose(out, expected, atol=1e-4, rtol=1e-4, err_msg=name)
 
@@ -147,15 +144,15 @@ def test_forward_parity_mlp_all_implementations():
 
 
 # -- gradients ---------------------------------------------------------------------------------
-def torch_gradients(task, weights, x, y):
+def torch_gradients(task, weights, x, y, device="cpu"):
     model = _torch_model(task)
     torch_models.import_weights(model, weights)
-    model.eval()  # inference-mode batch norm and no dropout: a deterministic loss
-    inputs = torch.from_numpy(layout.nhwc_to_nchw(x) if task == "cnn" else x)
-    targets = torch.from_numpy(y)
+    model.to(device).eval()  # inference-mode batch norm and no dropout: a deterministic loss
+    inputs = torch.from_numpy(layout.nhwc_to_nchw(x) if task == "cnn" else x).to(device)
+    targets = torch.from_numpy(y).to(device)
     loss = torch_train.make_loss(TASK[task])(model(inputs), targets)
     loss.backward()
-    return {name: p.grad.numpy() for name, p in model.named_parameters()}
+    return {name: p.grad.cpu().numpy() for name, p in model.named_parameters()}
 
 
 def tf2_gradients(task, weights, x, y, api):
@@ -174,12 +171,12 @@ def tf2_gradients(task, weights, x, y, api):
     return tf2_models.export_weights(twin)
 
 
-def tf1_gradients(task, weights, x, y):
+def tf1_gradients(task, weights, x, y, device="cpu"):
     with tf.Graph().as_default():
         model = _tf1_model(task)
         trainable = tf1.trainable_variables()
         grads = tf1.gradients(tf1_train.make_loss(TASK[task], model), trainable)
-        with tf1.Session() as sess:
+        with tf1.Session(config=tf1_train.session_config(device)) as sess:
             tf1_models.import_weights(sess, model, weights)
             values = sess.run(grads, tf1_train.feed(model, x, y))
             for variable, value in zip(trainable, values):  # gradients in the variables' place
@@ -192,15 +189,16 @@ def _compare_gradients(expected, got, name, atol):
         np.testing.assert_allclose(got[param], grad, atol=atol, rtol=1e-3, err_msg=f"{name} {param}")
 
 
-def test_gradients_cnn_torch_tape_tf1():
+def test_gradients_cnn_torch_tape_tf1(device, tf_device):
     """dL/dparam on one batch: autograd, GradientTape (three APIs) and tf.gradients."""
     weights = _shared_weights("cnn")
     x, labels = _images()
-    expected = torch_gradients("cnn", weights, x, labels)
+    expected = torch_gradients("cnn", weights, x, labels, device)
     assert set(expected) == {k for k in weights if "running" not in k}
-    for api in APIS:
-        _compare_gradients(expected, tf2_gradients("cnn", weights, x, labels, api), api, 1e-5)
-    _compare_gradients(expected, tf1_gradients("cnn", weights, x, labels), "tf1", 1e-5)
+    with tf.device(TF_DEVICE[tf_device]):
+        for api in APIS:
+            _compare_gradients(expected, tf2_gradients("cnn", weights, x, labels, api), api, 1e-5)
+    _compare_gradients(expected, tf1_gradients("cnn", weights, x, labels, tf_device), "tf1", 1e-5)
 
 
 def _numpy_mlp_gradients(weights, x, y):
@@ -235,18 +233,18 @@ def _batches(task, steps):
     return [(_images(20, seed=s) if task == "cnn" else _rows(20, seed=s)) for s in range(steps)]
 
 
-def torch_adam(task, weights, batches):
+def torch_adam(task, weights, batches, device="cpu"):
     model = _torch_model(task)
     torch_models.import_weights(model, weights)
-    model.train()
+    model.to(device).train()
     loss_fn, optimizer = torch_train.make_loss(TASK[task]), torch_train.make_optimizer(model, 1e-3)
     for t, (x, y) in enumerate(batches, start=1):
         # Keras and TF1 add eps to sqrt(v) before the bias correction, torch after it
         # (test_pitfall_adam_eps_default_1e8_vs_1e7): this eps makes torch's update theirs.
         optimizer.param_groups[0]["eps"] = config.ADAM_EPS / np.sqrt(1 - config.ADAM_BETA2 ** t)
-        inputs = torch.from_numpy(layout.nhwc_to_nchw(x) if task == "cnn" else x)
+        inputs = torch.from_numpy(layout.nhwc_to_nchw(x) if task == "cnn" else x).to(device)
         optimizer.zero_grad()
-        loss = loss_fn(model(inputs), torch.from_numpy(y))
+        loss = loss_fn(model(inputs), torch.from_numpy(y).to(device))
         loss.backward()
         optimizer.step()
     return torch_models.export_weights(model)
@@ -262,12 +260,12 @@ def tf2_adam(task, weights, batches):
     return tf2_models.export_weights(model)
 
 
-def tf1_adam(task, weights, batches):
+def tf1_adam(task, weights, batches, device="cpu"):
     with tf.Graph().as_default():
         model = _tf1_model(task)
         train_op = tf1_train.make_train_step(tf1_train.make_optimizer(1e-3),
                                              tf1_train.make_loss(TASK[task], model))
-        with tf1.Session() as sess:
+        with tf1.Session(config=tf1_train.session_config(device)) as sess:
             sess.run(tf1.global_variables_initializer())
             tf1_models.import_weights(sess, model, weights)
             for x, y in batches:
@@ -277,7 +275,7 @@ def tf1_adam(task, weights, batches):
 
 @pytest.mark.parametrize("steps", [1, 10])
 @pytest.mark.parametrize("task", ["mlp", "cnn"])
-def test_adam_steps_agree_with_matched_defaults(task, steps, monkeypatch):
+def test_adam_steps_agree_with_matched_defaults(task, steps, monkeypatch, device, tf_device):
     """After 1 and 10 Adam steps (lr 1e-3, eps 1e-8) from the same weights on the same
     batches, every parameter agrees, through each framework's make_loss, make_optimizer
     and training step. Dropout is switched off (its masks come from each
@@ -288,10 +286,12 @@ def test_adam_steps_agree_with_matched_defaults(task, steps, monkeypatch):
     monkeypatch.setattr(config, "DROPOUT", 0.0)
     weights = _shared_weights(task)
     batches = _batches(task, steps)
-    expected = torch_adam(task, weights, batches)
+    expected = torch_adam(task, weights, batches, device)
     moved = max(np.abs(expected[k] - weights[k]).max() for k in expected)
     assert moved > 0.5e-3 * steps * 0.5  # the weights really moved
-    for name, got in (("tf2", tf2_adam(task, weights, batches)), ("tf1", tf1_adam(task, weights, batches))):
+    with tf.device(TF_DEVICE[tf_device]):
+        got_tf2 = tf2_adam(task, weights, batches)
+    for name, got in (("tf2", got_tf2), ("tf1", tf1_adam(task, weights, batches, tf_device))):
         for param, value in expected.items():
             atol = 1e-4 * steps if name == "tf2" and param.endswith("running_var") else 2e-5 * steps
             np.testing.assert_allclose(got[param], value, atol=atol, rtol=1e-3,

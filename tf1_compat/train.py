@@ -22,10 +22,15 @@ from common.seed import set_deterministic_environment
 
 
 def resolve_device(name):
-    """--device auto|cpu|cuda -> "cpu" or "cuda"; asking for a missing GPU is a user error."""
-    has_gpu = bool(tf.config.list_physical_devices("GPU"))
+    """--device auto|cpu|cuda -> "cpu" or "cuda"; asking for a missing GPU is a user error.
+
+    The visible GPUs, not the physical ones: a process may have hidden them from TensorFlow.
+    """
+    has_gpu = bool(tf.config.get_visible_devices("GPU"))
     if name == "cuda" and not has_gpu:
-        raise UserError("--device cuda was asked for but no GPU is visible; use --device cpu or auto")
+        raise UserError("--device cuda was asked for but no GPU is visible to TensorFlow "
+                        "(it needs the CUDA 12 libraries of `uv sync --extra gpu`); "
+                        "use --device cpu or auto")
     if name == "auto":
         return "cuda" if has_gpu else "cpu"
     return name
@@ -50,6 +55,8 @@ def make_deterministic():
     """
     set_deterministic_environment()
     tf.config.experimental.enable_op_determinism()
+    # TF32 matrix products and convolutions on Ampere or newer GPUs: off, as in torch.
+    tf.config.experimental.enable_tensor_float_32_execution(False)
 
 
 def use_tf1_behavior():

@@ -46,27 +46,28 @@ def add_keras_arguments(parser, api, loop, other):
 
 # -- devices ---------------------------------------------------------------------------
 def resolve_device(name):
-    """--device auto|cpu|cuda -> "cpu" or "cuda". Call it before TensorFlow runs any op.
+    """--device auto|cpu|cuda -> "cpu" or "cuda", the device TensorFlow will really use.
 
     TensorFlow places every op on the first GPU by itself when one is visible (torch
-    waits for ``.to(device)``), so --device cpu hides the GPUs from this process. Once
-    TensorFlow has initialised its devices that is no longer possible (a second run in
-    one process): the answer is then the device TensorFlow really uses.
+    waits for ``.to(device)``), so --device cpu hides the GPUs from this process. That
+    is only possible before TensorFlow has set up its devices: a later run in the same
+    process that asks for another device is refused rather than mislabelled.
+    Memory growth (TensorFlow takes GPU memory as it needs it) is set by ``common``.
     """
-    gpus = tf.config.list_physical_devices("GPU")
-    if name == "cuda" and not gpus:
-        raise UserError("--device cuda was asked for but no GPU is visible; "
-                        "use --device cpu or auto")
-    try:
-        if name == "cpu":
+    if name == "cpu":
+        try:
             tf.config.set_visible_devices([], "GPU")
-        for gpu in tf.config.get_visible_devices("GPU"):
-            # Allocate GPU memory as needed, not all of it at start (torch's habit too),
-            # so that a torch model in the same process still finds room.
-            tf.config.experimental.set_memory_growth(gpu, True)
-    except RuntimeError:
-        pass  # devices already initialised by an earlier run in this process
-    return "cuda" if tf.config.get_visible_devices("GPU") else "cpu"
+        except RuntimeError:
+            pass  # devices already set up by an earlier run in this process: checked below
+    gpus = tf.config.get_visible_devices("GPU")
+    if name == "cuda" and not gpus:
+        raise UserError("--device cuda was asked for but no GPU is visible to TensorFlow "
+                        "(it needs the CUDA 12 libraries of `uv sync --extra gpu`, and a "
+                        "process that ran on the CPU keeps it); use --device cpu or auto")
+    if name == "cpu" and gpus:
+        raise UserError("--device cpu was asked for but TensorFlow already uses the GPU in "
+                        "this process; start a new process, or set CUDA_VISIBLE_DEVICES=''")
+    return "cuda" if gpus else "cpu"
 
 
 def make_deterministic():
@@ -80,6 +81,8 @@ def make_deterministic():
     """
     set_deterministic_environment()
     tf.config.experimental.enable_op_determinism()
+    # TF32 matrix products and convolutions on Ampere or newer GPUs: off, as in torch.
+    tf.config.experimental.enable_tensor_float_32_execution(False)
 
 
 # -- data --------------------------------------------------------------------------------
