@@ -37,8 +37,10 @@ torch.backends.cudnn.allow_tf32 = False
 
 try:
     import tensorflow as tf  # noqa: E402  (after torch: see common/frameworks.py)
+    # The public API can turn op determinism on, not off; restore_process_state needs both.
+    from tensorflow.python.framework import config as tf_config  # noqa: E402
 except ImportError:
-    tf = None
+    tf = tf_config = None
 else:
     tf.config.experimental.enable_tensor_float_32_execution(False)
 
@@ -90,11 +92,15 @@ def tf_device(request):
 @pytest.fixture(autouse=True)
 def restore_process_state():
     """main() installs signal handlers, and --deterministic sets framework flags and
-    environment variables: give the rest of the pytest process its own back."""
+    environment variables: give the rest of the pytest process its own back (TensorFlow's
+    op determinism, left on, makes every later unseeded random op raise)."""
     handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     deterministic = torch.are_deterministic_algorithms_enabled()
+    tf_deterministic = tf_config is not None and tf_config.is_op_determinism_enabled()
     environ = dict(os.environ)
     yield
+    if tf_config is not None and tf_config.is_op_determinism_enabled() and not tf_deterministic:
+        tf_config.disable_op_determinism()
     for s, handler in handlers.items():
         signal.signal(s, handler)
     if torch.are_deterministic_algorithms_enabled() != deterministic:
