@@ -124,3 +124,12 @@ def test_command_line_writes_the_site(tmp_path):
     index = Page((tmp_path / "index.html").read_text())
     assert set(PAGE_FILES.values()) <= set(index.links)
     assert any(link.startswith(f'{PAGE_FILES["train"]}#role-') for link in index.links)  # concepts
+
+
+def test_an_unwritable_out_is_one_sentence_and_exit_2(tmp_path):
+    (tmp_path / "file").write_text("not a folder")
+    out = tmp_path / "file" / "site"
+    result = subprocess.run([sys.executable, "-m", "tools.sidebyside", "--out", str(out)],
+                            cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().startswith("error: cannot write the site to"), result.stderr

@@ -67,4 +67,7 @@ KINDS = {"parity": parity, "run": run, "same": same, "pytest": pytest, "training
          "ops": ops}
 
 if __name__ == "__main__":
+    if len(sys.argv) < 3 or sys.argv[1] not in KINDS:
+        print(f"usage: python -m tools.gpu_figures {{{','.join(KINDS)}}} PATH...", file=sys.stderr)
+        sys.exit(2)
     print(KINDS[sys.argv[1]](*sys.argv[2:]).replace("\t", " ").replace("\n", " "))
