@@ -24,6 +24,7 @@ import tensorflow as tf
 import keras
 
 from common import layout
+from common.converters.core import linear_weight_to_keras
 from parity_tests.test_layers_norm import F64, close, differs, floats, run_keras, run_tf1, run_torch
 from tf1_compat import models as tf1_models
 from tf1_compat.layers import activations as tf1_layers
@@ -160,11 +161,12 @@ def test_flatten_parity_then_dense():
     """torch flattens NCHW in (C, H, W) order; Keras's Flatten gives (H, W, C) order, even with
     data_format='channels_first' on NCHW input (it moves channels last first: documents
     Keras behaviour), and so does TF1's tf.reshape of NHWC. The dense layer after it needs
-    layout.flatten_dense_torch_to_tf (test_pitfall_flatten_order_first_dense_after_conv)."""
+    the flatten order, linear_weight_to_keras(weight, (C, H, W)) (common.converters.core;
+    test_pitfall_flatten_order_first_dense_after_conv)."""
     x = floats(2, 3, 4, 5)
     fc = torch.nn.Linear(60, 7).double()
     expected = fc(torch.nn.Flatten()(torch.tensor(x))).detach().numpy()
-    kernel = layout.flatten_dense_torch_to_tf(fc.weight.detach().numpy(), (3, 4, 5))
+    kernel = linear_weight_to_keras(fc.weight.detach().numpy(), (3, 4, 5))
     bias = fc.bias.detach().numpy()
     nhwc = layout.nchw_to_nhwc(x)
     close(keras.layers.Flatten(**F64)(nhwc).numpy() @ kernel + bias, expected)

@@ -5,7 +5,7 @@ this project's TF1 graphs (``tf1_compat/layers/``), with the same weights and in
 Each parity case compares the outputs and the gradients of sum(outputs * fixed random weights)
 with respect to the inputs and every weight (Keras's and TF1's weight gradients taken to
 torch's layout through the converter's ``to_torch``). All float64: tolerance 1e-10 relative to
-the largest entry, 1e-6 for batch norm, whose conversion (``layout.batchnorm_*``) stores
+the largest entry, 1e-6 for batch norm, whose conversion (``core.batch_norm_to_keras``) stores
 float32 (the weights here are float32 values, so only the gradients round). Also the round
 trips, the refused configurations and the pitfalls. The helpers serve the other
 test_layers_*.py files of this family too.

@@ -10,6 +10,9 @@ import tensorflow as tf
 import keras
 
 from common import config, layout
+from common.converters.conv import conv_weight_to_torch
+from common.converters.core import (bn_momentum_torch_to_keras, linear_weight_to_keras,
+                                    linear_weight_to_torch)
 
 tf1 = tf.compat.v1
 RNG = np.random.default_rng(2024)
@@ -27,13 +30,13 @@ def test_pitfall_flatten_order_first_dense_after_conv():
     weight = RNG.normal(size=(5, 36)).astype(np.float32)          # torch (out, C*H*W)
     expected = torch.flatten(torch.tensor(features), 1) @ torch.tensor(weight).T
     tf_flat = tf.reshape(layout.nchw_to_nhwc(features), (2, -1))   # (H, W, C) order
-    wrong = tf_flat @ layout.dense_torch_to_tf(weight)
-    right = tf_flat @ layout.flatten_dense_torch_to_tf(weight, (4, 3, 3))
+    wrong = tf_flat @ linear_weight_to_keras(weight)
+    right = tf_flat @ linear_weight_to_keras(weight, (4, 3, 3))
     assert wrong.shape == right.shape == (2, 5)  # the shapes cannot tell
     assert _differs(wrong, expected)
     np.testing.assert_allclose(right, expected.numpy(), atol=ATOL)
-    np.testing.assert_array_equal(layout.flatten_dense_tf_to_torch(
-        layout.flatten_dense_torch_to_tf(weight, (4, 3, 3)), (4, 3, 3)), weight)
+    np.testing.assert_array_equal(linear_weight_to_torch(
+        linear_weight_to_keras(weight, (4, 3, 3)), (4, 3, 3)), weight)
 
 
 # -- padding='same' with stride 2 on even inputs -------------------------------------------------
@@ -43,7 +46,7 @@ def test_pitfall_padding_same_stride2_even_input():
     x = RNG.normal(size=(1, 8, 8, 2)).astype(np.float32)  # NHWC, even size
     k = RNG.normal(size=(3, 3, 2, 4)).astype(np.float32)
     tf_out = tf.nn.conv2d(x, k, strides=2, padding="SAME").numpy()
-    x_t, k_t = torch.tensor(layout.nhwc_to_nchw(x)), torch.tensor(layout.conv_kernel_tf_to_torch(k))
+    x_t, k_t = torch.tensor(layout.nhwc_to_nchw(x)), torch.tensor(conv_weight_to_torch(k))
     wrong = layout.nchw_to_nhwc(F.conv2d(x_t, k_t, stride=2, padding=1).numpy())
     right = layout.nchw_to_nhwc(F.conv2d(F.pad(x_t, (0, 1, 0, 1)), k_t, stride=2).numpy())
     assert wrong.shape == tf_out.shape == (1, 4, 4, 4)
@@ -67,7 +70,7 @@ def test_pitfall_default_init_differs():
     assert np.all(dense.bias.numpy() == 0) and np.any(fc.bias.detach().numpy() != 0)
     x = RNG.normal(size=(8, 100)).astype(np.float32)
     assert _differs(dense(x), fc(torch.tensor(x)).detach())
-    dense.set_weights([layout.dense_torch_to_tf(fc.weight.detach().numpy()), fc.bias.detach().numpy()])
+    dense.set_weights([linear_weight_to_keras(fc.weight.detach().numpy()), fc.bias.detach().numpy()])
     np.testing.assert_allclose(dense(x).numpy(), fc(torch.tensor(x)).detach().numpy(), atol=ATOL)
 
 
@@ -169,7 +172,7 @@ def test_pitfall_biased_vs_unbiased_running_var():
     torch_bn = torch.nn.BatchNorm2d(2, eps=config.BN_EPS, momentum=config.BN_MOMENTUM)
     torch_bn(torch.tensor(layout.nhwc_to_nchw(x)))
     keras_bn = keras.layers.BatchNormalization(
-        epsilon=config.BN_EPS, momentum=layout.bn_momentum_torch_to_keras(config.BN_MOMENTUM))
+        epsilon=config.BN_EPS, momentum=bn_momentum_torch_to_keras(config.BN_MOMENTUM))
     keras_bn(x, training=True)
     m = config.BN_MOMENTUM
     unbiased = (1 - m) + m * x.var(axis=(0, 1, 2), ddof=1)
@@ -203,7 +206,7 @@ def test_pitfall_bn_eps_and_momentum_defaults():
     assert _differs(k_out, t_out, atol=1e-2)                                     # eps
     assert _differs(keras_bn.moving_mean.numpy(), torch_bn.running_mean.numpy())  # momentum
     torch_bn, keras_bn, t_out, k_out = _bn_after_steps(
-        {"epsilon": config.BN_EPS, "momentum": layout.bn_momentum_torch_to_keras(config.BN_MOMENTUM)})
+        {"epsilon": config.BN_EPS, "momentum": bn_momentum_torch_to_keras(config.BN_MOMENTUM)})
     np.testing.assert_allclose(k_out, t_out, atol=1e-4)
     np.testing.assert_allclose(keras_bn.moving_mean.numpy(), torch_bn.running_mean.numpy(), atol=1e-6)
 

@@ -15,7 +15,8 @@ import torch.nn.functional as F
 
 from common.config import CNNShape, cnn_parameter_shapes, mlp_parameter_shapes
 from common.errors import UserError, WeightsError
-from common.layout import BN_TORCH_TO_TF, nhwc_to_nchw
+from common.converters.core import BN_TORCH_TO_KERAS
+from common.layout import nhwc_to_nchw
 from common.weights import load_weights, save_weights
 from parity_tests.conftest import random_shared_weights
 from tf1_compat import session_basics
@@ -49,7 +50,7 @@ def tf_variable(shared_name, shape):
     """("conv1/kernel", (3, 3, in, out)) for ("conv1.weight", (out, in, 3, 3)): TF names, TF shapes."""
     layer, param = shared_name.split(".")
     if layer.startswith("bn"):
-        return f"{layer}/{BN_TORCH_TO_TF[param]}", tuple(shape)
+        return f"{layer}/{BN_TORCH_TO_KERAS[param]}", tuple(shape)
     if param == "bias":
         return f"{layer}/bias", tuple(shape)
     if len(shape) == 4:

@@ -101,10 +101,12 @@ def keras_layers(model):
 
 
 # -- what the converters read ---------------------------------------------------------------
-def torch_config(module):
-    """The module's public non-callable attributes (hidden_size, kernel_size, groups, ...)."""
-    return {k: v for k, v in vars(module).items()
-            if not k.startswith("_") and not callable(v) and not isinstance(v, torch.Tensor)}
+def torch_config(module, flatten_chw=None):
+    """The module's public non-callable attributes (hidden_size, kernel_size, groups, ...),
+    and ``flatten_chw`` when given: the (C, H, W) map a Linear reads flattened."""
+    config = {k: v for k, v in vars(module).items()
+              if not k.startswith("_") and not callable(v) and not isinstance(v, torch.Tensor)}
+    return config if flatten_chw is None else {**config, "flatten_chw": tuple(flatten_chw)}
 
 
 def torch_tensors(module):

@@ -14,16 +14,15 @@ pairs with ``rnn.0`` ... ``rnn.L-1`` (a Subclassing list attribute, or layers so
 A Linear reading a flattened conv map needs its input rows permuted, since torch flattens
 (C, H, W) and Keras (H, W, C); without it the shapes fit and the outputs are wrong. The tool
 finds those Linears by running the torch model on a sample (``layers.flatten_inputs``) or is
-told (``flatten_shape``).
+told (``flatten_shape``); its converter then permutes the rows (``flatten_chw``,
+``common.converters.core.linear_weight_to_keras``).
 
-TF1: ``tf1_values`` converts torch modules for TF1 variables named by scope as the Keras
-twin's (``scope/kernel``, ...), through the same converters; ``tf1_load`` loads them.
+TF1 variables named by scope go both ways through the same converters: ``porting/tf1.py``.
 """
 import numpy as np
 import torch
 
 import keras  # after torch
-from common import layout
 from common.converters import ConversionError, lookup
 from common.converters.recurrent import DIRECTIONS, join_rnn_state_dict, split_rnn_state_dict
 from porting.layers import (CHANNELS_FIRST, RECURRENT, flatten_inputs, holds_weights, join,
@@ -61,24 +60,20 @@ class Pair:
         tensors = torch_tensors(self.module)
         if self.part is not None:
             tensors = split_rnn_state_dict(tensors)[self.part]
-        if self.chw is not None:
-            tensors["weight"] = layout.flatten_dense_torch_to_tf(tensors["weight"], self.chw).T
-        arrays = self.converter().to_keras(tensors, torch_config(self.module),
+        arrays = self.converter().to_keras(tensors, torch_config(self.module, self.chw),
                                            self.layer.get_config())
-        _expect_shapes("Keras", [np.shape(a) for a in arrays],
-                       [tuple(v.shape) for v in self.layer.weights])
+        expect_shapes("Keras", [np.shape(a) for a in arrays],
+                      [tuple(v.shape) for v in self.layer.weights])
         return arrays
 
     def to_torch(self):
         """The torch tensors (this part's names, unsuffixed for a recurrent part)."""
         weights = [np.asarray(w) for w in self.layer.get_weights()]
-        out = self.converter().to_torch(weights, torch_config(self.module), self.layer.get_config())
-        if self.chw is not None:
-            out["weight"] = layout.flatten_dense_tf_to_torch(out["weight"].T, self.chw)
-        return out
+        return self.converter().to_torch(weights, torch_config(self.module, self.chw),
+                                         self.layer.get_config())
 
 
-def _expect_shapes(side, got, want):
+def expect_shapes(side, got, want):
     if list(map(tuple, got)) != list(map(tuple, want)):
         raise ConversionError(f"the converted weights have shapes {got}, the {side} layer's are "
                               f"{want}")
@@ -173,12 +168,12 @@ def transfer(source, target, sample=None, flatten_shape=None):
         except (ConversionError, AssertionError) as exc:
             problems.append(f"{pair.path}: {exc}")
             failed.add(pair.torch_path)
-    torch_updates = [(module, _torch_state(path, module, parts, problems))
+    torch_updates = [(module, torch_state(path, module, parts, problems))
                      for path, (module, parts) in torch_updates.items() if path not in failed]
     if problems:
         raise TransferError(problems, f"porting.transfer({type(source).__name__} -> "
                                       f"{type(target).__name__})")
-    _assign(keras_updates, torch_updates)
+    assign(keras_updates, torch_updates)
     return [pair.path for pair in pairs]
 
 
@@ -200,7 +195,7 @@ def _trace(torch_model, keras_model, sample):
                     "{Linear path: (C, H, W)}"]
 
 
-def _torch_state(path, module, parts, problems):
+def torch_state(path, module, parts, problems):
     """A module's whole new state dict (recurrent parts joined), checked against its own."""
     if type(module).__name__ in RECURRENT:
         parts = join_rnn_state_dict(parts)
@@ -209,13 +204,13 @@ def _torch_state(path, module, parts, problems):
         if sorted(parts) != sorted(own):
             raise ConversionError(f"the converter gave {sorted(parts)}, the module has "
                                   f"{sorted(own)}")
-        _expect_shapes("torch", [np.shape(parts[k]) for k in own], [v.shape for v in own.values()])
+        expect_shapes("torch", [np.shape(parts[k]) for k in own], [v.shape for v in own.values()])
     except ConversionError as exc:
         problems.append(f"{path}: {exc}")
     return parts
 
 
-def _assign(keras_updates, torch_updates):
+def assign(keras_updates, torch_updates):
     """Write the converted weights; every shape was checked, so this cannot fail half-way."""
     for layer, arrays in keras_updates:
         layer.set_weights(arrays)
@@ -225,54 +220,3 @@ def _assign(keras_updates, torch_updates):
             for name, value in tensors.items():
                 state[name].copy_(torch.from_numpy(np.ascontiguousarray(value)))
 
-
-# -- TF1 ------------------------------------------------------------------------------------
-def tf1_values(modules, keras_configs, variables, flatten_shape=None):
-    """{TF1 variable name: array}: the torch ``modules`` ({scope: module}) converted for the
-    TF1 ``variables`` (``tf.compat.v1.global_variables()``) named and laid out as the Keras
-    twin's: ``scope/kernel``, ``scope/bias``, ...; a recurrent module's parts under
-    ``scope/layer{k}/{forward|backward}/`` (``tf1_compat.layers.recurrent.scope_name``).
-
-    ``keras_configs`` ({scope: config dict or Keras layer}) states in Keras's words what the
-    TF1 graph computes (units, use_bias, epsilon, ...): the converter checks it against the
-    torch module. ``flatten_shape``: {scope: (C, H, W)} of Linears reading a flattened map.
-    Every variable under a scope must be filled, else ``TransferError`` lists what is wrong."""
-    shapes = {v.name.split(":")[0]: tuple(v.shape) for v in variables}
-    values, problems = {}, []
-    for scope, module in modules.items():
-        config = keras_configs.get(scope)
-        config = config.get_config() if hasattr(config, "get_config") else config
-        try:
-            if config is None:
-                raise ConversionError("no Keras config given for it")
-            converter, tensors = lookup(type(module).__name__), torch_tensors(module)
-            recurrent = type(module).__name__ in RECURRENT
-            parts = split_rnn_state_dict(tensors) if recurrent else {None: tensors}
-            for part, part_tensors in parts.items():
-                name = scope if part is None else f"{scope}/layer{part[0]}/{part[1]}"
-                if scope in (flatten_shape or {}):
-                    part_tensors["weight"] = layout.flatten_dense_torch_to_tf(
-                        part_tensors["weight"], flatten_shape[scope]).T
-                arrays = converter.to_keras(part_tensors, torch_config(module), config)
-                names = [f"{name}/{n}" for n in converter.keras_names if f"{name}/{n}" in shapes]
-                _expect_shapes("TF1", [np.shape(a) for a in arrays], [shapes[n] for n in names])
-                values.update(zip(names, arrays))
-        except (ConversionError, AssertionError) as exc:
-            problems.append(f"{scope}: {exc}")
-    problems += [f"{n}: a TF1 variable under a given scope that no converted tensor fills"
-                 for n in shapes if n not in values and any(n.startswith(f"{s}/") for s in modules)]
-    if problems:
-        raise TransferError(problems, "porting.tf1_values")
-    return values
-
-
-def tf1_load(session, values):
-    """Load {TF1 variable name: array} into the session graph's global variables."""
-    import tensorflow as tf  # here: the rest of porting runs on any Keras backend
-
-    variables = {v.name.split(":")[0]: v for v in tf.compat.v1.global_variables()}
-    missing = [f"{name}: no such TF1 variable" for name in values if name not in variables]
-    if missing:
-        raise TransferError(missing, "porting.tf1_load")
-    for name, value in values.items():
-        variables[name].load(value, session)

@@ -26,15 +26,16 @@ TF1 variable             TF1 shape          shared (torch) name and shape
 ``fc1/bias``             (out,)             ``fc1.bias`` (out,)
 =======================  =================  ====================================
 
-The CNN's ``fc1/kernel`` rows are also permuted on the way out and in: NHWC
-flattens in (H, W, C) order, torch in (C, H, W) (``common.layout``).
+Each layer converts through the converter registry (``common.shared_layers``,
+``common.converters``), which also permutes the CNN's ``fc1/kernel`` rows on the way out
+and in: NHWC flattens in (H, W, C) order, torch in (C, H, W).
 """
 from collections import namedtuple
 
-import numpy as np
 import tensorflow as tf
 
-from common import config, layout
+from common import config, shared_layers
+from common.converters.core import bn_momentum_torch_to_keras
 
 GraphModel = namedtuple("GraphModel", [
     "inputs",       # placeholder: (N, features) or (N, H, W, C) float32
@@ -216,7 +217,7 @@ def build_cnn(input_shape, num_classes, block=conv_block):
         x = block(x, filters, training, i)
     with tf.name_scope("flatten"):
         # NHWC flattens in (H, W, C) order, torch's NCHW in (C, H, W): fc1's kernel rows
-        # are permuted on export/import (layout.flatten_dense_*), not here.
+        # are permuted on export/import (the Linear converter's flatten_chw), not here.
         x = tf.reshape(x, [-1, shape.flatten_features])
     x = tf.nn.relu(dense(x, config.CNN_FC[0], "fc1"))
     x = dropout(x, config.DROPOUT, training)
@@ -227,32 +228,48 @@ def build_cnn(input_shape, num_classes, block=conv_block):
 
 
 # -- shared weights ------------------------------------------------------------------------
-def _shared_name(tf_name):
-    """"conv1/kernel" -> "conv1.weight", "bn1/moving_variance" -> "bn1.running_var"."""
-    layer, param = tf_name.split("/")[-2:]  # an enclosing scope, if any, is not part of it
-    if param == "kernel":
-        return f"{layer}.weight"
-    return f"{layer}.{layout.BN_TF_TO_TORCH.get(param, param)}"
+def keras_config(name, shape):
+    """What layer ``name`` of this graph computes, in Keras's words (the converters check it
+    against the torch twin): ``conv2d`` is a 'same' Conv2D with stride 1 and no bias,
+    ``batch_norm`` a BatchNormalization with torch's eps and momentum, ``dense`` a Dense;
+    ``shape``: the layer's kernel (or gamma) shape."""
+    kind = name.rstrip("0123456789")
+    if kind == "bn":
+        return {"epsilon": config.BN_EPS, "scale": True, "center": True,
+                "momentum": bn_momentum_torch_to_keras(config.BN_MOMENTUM)}
+    if kind == "conv":
+        return {"filters": shape[-1], "kernel_size": tuple(shape[:2]), "strides": (1, 1),
+                "dilation_rate": (1, 1), "groups": 1, "padding": "same", "use_bias": False}
+    return {"units": shape[-1], "use_bias": True}
 
 
-def _convert(model, tf_name, value, to_torch):
-    """One variable's value between TF layout and the shared (torch) layout."""
-    if model.flatten_chw is not None and _shared_name(tf_name) == "fc1.weight":
-        convert = layout.flatten_dense_tf_to_torch if to_torch else layout.flatten_dense_torch_to_tf
-        return convert(value, model.flatten_chw)
-    if tf_name.endswith("/kernel") and np.ndim(value) == 4:
-        return (layout.conv_kernel_tf_to_torch if to_torch else layout.conv_kernel_torch_to_tf)(value)
-    if tf_name.endswith("/kernel"):
-        return (layout.dense_tf_to_torch if to_torch else layout.dense_torch_to_tf)(value)
-    return value  # biases and batch-norm vectors keep their layout
+KERAS_ORDER = ("kernel", "bias", "gamma", "beta", "moving_mean", "moving_variance")
+
+
+def _layers(model):
+    """[(shared name, [its TF variables in Keras's get_weights() order], kernel or gamma
+    shape, flatten_chw)], in the shared format's order; an enclosing scope, if any, is not
+    part of the name ("outer/conv1/kernel" is conv1's)."""
+    by_layer = {}
+    for tf_name, variable in model.variables.items():
+        layer, param = tf_name.split("/")[-2:]
+        by_layer.setdefault(layer, {})[param] = variable
+    layers = []
+    for name in shared_layers.layer_names(model.flatten_chw is not None):
+        variables = [by_layer[name][p] for p in KERAS_ORDER if p in by_layer[name]]
+        layers.append((name, variables, variables[0].shape.as_list(),
+                       model.flatten_chw if name == "fc1" else None))
+    return layers
 
 
 def export_weights(sess, model):
     """The model's variables as shared-format arrays (torch names and layouts)."""
-    values = sess.run(model.variables)
-    return {_shared_name(tf_name): np.asarray(_convert(model, tf_name, value, to_torch=True),
-                                              dtype=np.float32)
-            for tf_name, value in values.items()}
+    layers = _layers(model)
+    values = sess.run({name: variables for name, variables, *_ in layers})
+    tensors = {}
+    for name, _, shape, chw in layers:
+        tensors.update(shared_layers.to_shared(name, values[name], keras_config(name, shape), chw))
+    return tensors
 
 
 def import_weights(sess, model, tensors):
@@ -262,8 +279,9 @@ def import_weights(sess, model, tensors):
     ``Variable.load`` assigns: no new ops, so it also works on a finalized graph.
     """
     feed_dict, initializers = {}, []
-    for tf_name, variable in model.variables.items():
-        value = _convert(model, tf_name, tensors[_shared_name(tf_name)], to_torch=False)
-        feed_dict[variable.initial_value] = value
-        initializers.append(variable.initializer)
+    for name, variables, shape, chw in _layers(model):
+        values = shared_layers.from_shared(name, tensors, shape, keras_config(name, shape), chw)
+        for variable, value in zip(variables, values, strict=True):
+            feed_dict[variable.initial_value] = value
+            initializers.append(variable.initializer)
     sess.run(initializers, feed_dict=feed_dict)

@@ -18,8 +18,9 @@ The same network three ways, built with ``build_mlp`` / ``build_cnn(..., api=...
 Given the same weights the three compute the same outputs (parity_tests/test_tf2_impl.py).
 
 Keras works in NHWC: images enter the CNN as (N, H, W, C), so the map before ``fc1``
-flattens in (H, W, C) order; ``export_weights`` / ``import_weights`` permute fc1's rows
-to the shared format's torch (C, H, W) order (``common.layout``).
+flattens in (H, W, C) order. ``export_weights`` / ``import_weights`` convert each layer
+through the converter registry (``common.shared_layers``, ``common.converters``), which also
+permutes fc1's rows to the shared format's torch (C, H, W) order.
 
 Logits out, no softmax (the course manual ends with ``Dense(classes, activation="softmax")``):
 the losses take logits (``from_logits=True``, ``train.make_loss``) and compute log-softmax
@@ -31,8 +32,10 @@ import keras
 import numpy as np
 from keras import layers
 
-from common import config, layout
+from common import config, shared_layers
 from common.config import CNNShape
+from common.converters import ConversionError
+from common.converters.core import bn_momentum_torch_to_keras
 from common.errors import WeightsError
 
 APIS = ("sequential", "functional", "subclassing")
@@ -42,7 +45,7 @@ APIS = ("sequential", "functional", "subclassing")
 # Batch norm in torch's convention (common.config): Keras's momentum weights the *old*
 # moving value (default 0.99), torch's the new batch statistic (0.1); Keras's default eps
 # is 1e-3, torch's 1e-5. Keras normalises the last axis, the channels of NHWC.
-KERAS_BN_MOMENTUM = layout.bn_momentum_torch_to_keras(config.BN_MOMENTUM)
+KERAS_BN_MOMENTUM = bn_momentum_torch_to_keras(config.BN_MOMENTUM)
 # A conv has no bias (use_bias=False) when batch norm follows it: batch norm subtracts the
 # batch mean, which removes any per-channel constant, and its beta takes the bias's place.
 # padding="same" (stride 1, odd kernel) pads (k-1)/2 on every side: torch's padding=k//2.
@@ -198,6 +201,14 @@ def _flatten_chw(model):
     return CNNShape(tuple(image_shape), num_classes=0).flatten_chw
 
 
+def _layers(model):
+    """(shared name, Keras layer, flatten_chw) of each layer holding weights, in the shared
+    format's order; flatten_chw is fc1's in the CNN, else None."""
+    cnn = _is_cnn(model)
+    for name in shared_layers.layer_names(cnn):
+        yield name, model.get_layer(name), _flatten_chw(model) if cnn and name == "fc1" else None
+
+
 def export_weights(model):
     """The shared weights format: torch names and layouts, float32 numpy arrays.
 
@@ -205,50 +216,21 @@ def export_weights(model):
     torch as (out, in) and (out, in, kh, kw).
     """
     tensors = {}
-    if _is_cnn(model):
-        for i in range(1, len(config.CNN_FILTERS) + 1):
-            conv, bn = model.get_layer(f"conv{i}"), model.get_layer(f"bn{i}")
-            tensors[f"conv{i}.weight"] = layout.conv_kernel_tf_to_torch(conv.kernel.numpy())
-            torch_bn = layout.batchnorm_tf_to_torch(
-                {key: getattr(bn, key).numpy() for key in layout.BN_TF_TO_TORCH})
-            tensors.update({f"bn{i}.{k}": v for k, v in torch_bn.items()})
-    for i in range(1, 4):
-        fc = model.get_layer(f"fc{i}")
-        kernel = fc.kernel.numpy()
-        if i == 1 and _is_cnn(model):
-            weight = layout.flatten_dense_tf_to_torch(kernel, _flatten_chw(model))
-        else:
-            weight = layout.dense_tf_to_torch(kernel)
-        tensors[f"fc{i}.weight"] = weight
-        tensors[f"fc{i}.bias"] = fc.bias.numpy()
-    return {name: np.asarray(array, dtype=np.float32) for name, array in tensors.items()}
-
-
-def _assign(variable, array, name):
-    if tuple(variable.shape) != tuple(array.shape):
-        raise WeightsError(f"tensor {name!r} converts to shape {tuple(array.shape)}, but the "
-                           f"model's {variable.path} has shape {tuple(variable.shape)}")
-    variable.assign(array)
+    for name, layer, chw in _layers(model):
+        tensors.update(shared_layers.to_shared(name, layer.get_weights(), layer.get_config(), chw))
+    return tensors
 
 
 def import_weights(model, tensors):
-    """Load shared-format tensors (as validated by ``common.weights.load_weights``)."""
-    if _is_cnn(model):
-        for i in range(1, len(config.CNN_FILTERS) + 1):
-            conv, bn = model.get_layer(f"conv{i}"), model.get_layer(f"bn{i}")
-            _assign(conv.kernel, layout.conv_kernel_torch_to_tf(tensors[f"conv{i}.weight"]),
-                    f"conv{i}.weight")
-            keras_bn = layout.batchnorm_torch_to_tf(
-                {k: tensors[f"bn{i}.{k}"] for k in layout.BN_TORCH_TO_TF})
-            for key, array in keras_bn.items():
-                _assign(getattr(bn, key), array, f"bn{i}.{layout.BN_TF_TO_TORCH[key]}")
-    for i in range(1, 4):
-        fc = model.get_layer(f"fc{i}")
-        weight = tensors[f"fc{i}.weight"]
-        if i == 1 and _is_cnn(model):
-            kernel = layout.flatten_dense_torch_to_tf(weight, _flatten_chw(model))
-        else:
-            kernel = layout.dense_torch_to_tf(weight)
-        _assign(fc.kernel, kernel, f"fc{i}.weight")
-        _assign(fc.bias, tensors[f"fc{i}.bias"], f"fc{i}.bias")
+    """Load shared-format tensors (as validated by ``common.weights.load_weights``); every
+    layer converts before any is assigned."""
+    updates = []
+    for name, layer, chw in _layers(model):
+        try:
+            updates.append((layer, shared_layers.from_shared(
+                name, tensors, layer.weights[0].shape, layer.get_config(), chw)))
+        except ConversionError as exc:
+            raise WeightsError(f"the weights do not fit {model.name}'s {name}: {exc}") from None
+    for layer, arrays in updates:
+        layer.set_weights(arrays)
     return model

@@ -19,6 +19,8 @@ converter asserts every shape it reads and writes.
 from dataclasses import dataclass
 from typing import Callable
 
+import numpy as np
+
 
 class ConversionError(ValueError):
     """A layer pair that cannot be converted exactly: the message says why and what to do."""
@@ -65,3 +67,22 @@ def expect_equal(what, torch_value, keras_value, fix):
     """Refuse a configuration that differs between the two layers."""
     if torch_value != keras_value:
         raise ConversionError(f"{what} differs: torch {torch_value!r}, Keras {keras_value!r}; {fix}")
+
+
+def take_tensors(tensors, wanted, ignored=()):
+    """[tensors[name] for name in wanted], shapes asserted; any other name is refused.
+    `wanted` is [(name, shape)]."""
+    unexpected = sorted(set(tensors) - {name for name, _ in wanted} - set(ignored))
+    missing = sorted({name for name, _ in wanted} - set(tensors))
+    if unexpected or missing:
+        raise ConversionError(f"torch tensors {sorted(tensors)} do not fit this configuration "
+                              f"(missing {missing}, unexpected {unexpected})")
+    return [expect_shape(name, np.asarray(tensors[name]), shape) for name, shape in wanted]
+
+
+def expect_weights(weights, wanted):
+    """Assert the Keras weights' count and shapes against [(keras name, shape)]."""
+    if len(weights) != len(wanted):
+        raise ConversionError(f"expected {len(wanted)} Keras weights "
+                              f"({', '.join(name for name, _ in wanted)}), got {len(weights)}")
+    return [expect_shape(name, np.asarray(w), shape) for w, (name, shape) in zip(weights, wanted)]

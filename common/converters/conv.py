@@ -11,6 +11,8 @@ Conv2d, groups=C       (C*m, 1, kh, kw)            DepthwiseConv2D (kh, kw, C, m
 ConvTranspose2d        (in, out, kh, kw)           (kh, kw, out, in): transpose(2, 3, 1, 0)
 =====================  ==========================  ===========================================
 
+One permutation for all of them: ``conv_weight_to_keras`` and its inverse ``conv_weight_to_torch``.
+
 The torch name ``Conv2d`` has one converter for both Keras targets: it reads the Keras
 config and uses the depthwise layout when it has ``depth_multiplier`` (a DepthwiseConv2D),
 the plain one otherwise (a Conv2D, with ``groups`` for grouped convolutions).
@@ -28,7 +30,6 @@ with a ``Cropping2D`` after it; the refusal names that exact twin.
 """
 import numpy as np
 
-from common import layout
 from common.converters.base import (ConversionError, Converter, expect_equal, expect_shape,
                                     register)
 
@@ -45,6 +46,21 @@ def torch_pad_indices(length, before, after, mode):
     if mode not in TORCH_PAD_MODES:
         raise ConversionError(f"padding_mode {mode!r} is not one of {sorted(TORCH_PAD_MODES)}")
     return np.pad(np.arange(length), (before, after), mode=TORCH_PAD_MODES[mode])
+
+
+def conv_weight_to_keras(weight):
+    """torch conv weight (out, in/g, *kernel) -> Keras kernel (*kernel, in/g, out): the spatial
+    axes first, then in and out swapped (Conv2d: transpose(2, 3, 1, 0)). A transposed conv's
+    (in, out/g, *kernel) becomes (*kernel, out/g, in) by the same permutation."""
+    assert weight.ndim >= 3, f"expected an (out, in, *kernel) weight, got shape {weight.shape}"
+    return np.ascontiguousarray(weight.transpose(*range(2, weight.ndim), 1, 0))
+
+
+def conv_weight_to_torch(kernel):
+    """Keras kernel (*kernel, in/g, out) -> torch weight (out, in/g, *kernel)."""
+    assert kernel.ndim >= 3, f"expected a (*kernel, in, out) kernel, got shape {kernel.shape}"
+    n = kernel.ndim
+    return np.ascontiguousarray(kernel.transpose(n - 1, n - 2, *range(n - 2)))
 
 
 def _ints(value, nd):
@@ -139,10 +155,7 @@ def _conv_to_keras(tensors, torch_config, keras_config, nd):
     _check_conv_config(torch_config, keras_config, nd, bias is not None)
     torch_shape, keras_shape = _conv_kernel_shapes(torch_config, keras_config, nd)
     weight = expect_shape("torch weight", np.asarray(weight), torch_shape)
-    if nd == 1:
-        kernel = np.ascontiguousarray(weight.transpose(2, 1, 0))
-    else:
-        kernel = layout.conv_kernel_torch_to_tf(weight).reshape(keras_shape)
+    kernel = conv_weight_to_keras(weight).reshape(keras_shape)  # depthwise: C*m split as (C, m)
     out = [expect_shape("Keras kernel", kernel, keras_shape)]
     if bias is not None:
         out.append(expect_shape("torch bias", np.asarray(bias), (torch_config["out_channels"],)))
@@ -154,11 +167,8 @@ def _conv_to_torch(weights, torch_config, keras_config, nd):
     _check_count(weights, keras_config)
     torch_shape, keras_shape = _conv_kernel_shapes(torch_config, keras_config, nd)
     kernel = expect_shape("Keras kernel", np.asarray(weights[0]), keras_shape)
-    if nd == 1:
-        weight = np.ascontiguousarray(kernel.transpose(2, 1, 0))
-    else:
-        grouped = kernel.reshape(*keras_shape[:2], *torch_shape[1::-1])  # depthwise: (C, m) -> C*m
-        weight = layout.conv_kernel_tf_to_torch(grouped)
+    grouped = kernel.reshape(*keras_shape[:nd], *torch_shape[1::-1])  # depthwise: (C, m) -> C*m
+    weight = conv_weight_to_torch(grouped)
     return {"weight": expect_shape("torch weight", weight, torch_shape),
             **_bias_to_torch(weights, torch_config["out_channels"])}
 
@@ -238,8 +248,7 @@ def conv_transpose2d_to_keras(tensors, torch_config, keras_config):
     kh, kw = _ints(torch_config["kernel_size"], 2)
     cin, out = torch_config["in_channels"], torch_config["out_channels"]
     weight = expect_shape("torch weight", np.asarray(weight), (cin, out, kh, kw))
-    kernel = [expect_shape("Keras kernel", np.ascontiguousarray(weight.transpose(2, 3, 1, 0)),
-                           (kh, kw, out, cin))]
+    kernel = [expect_shape("Keras kernel", conv_weight_to_keras(weight), (kh, kw, out, cin))]
     if bias is not None:
         kernel.append(expect_shape("torch bias", np.asarray(bias), (out,)))
     return kernel
@@ -252,8 +261,7 @@ def conv_transpose2d_to_torch(weights, torch_config, keras_config):
     kh, kw = _ints(torch_config["kernel_size"], 2)
     cin, out = torch_config["in_channels"], torch_config["out_channels"]
     kernel = expect_shape("Keras kernel", np.asarray(weights[0]), (kh, kw, out, cin))
-    return {"weight": np.ascontiguousarray(kernel.transpose(3, 2, 0, 1)),
-            **_bias_to_torch(weights, out)}
+    return {"weight": conv_weight_to_torch(kernel), **_bias_to_torch(weights, out)}
 
 
 NAMES = ("kernel", "bias")

@@ -12,10 +12,11 @@ GroupNorm               weight, bias (C,)                  GroupNormalization ga
 Embedding               weight (num, dim)                  Embedding embeddings (num, dim)
 ======================  =================================  ===================================
 
-Only Linear transposes; the rest copy. The configurations are what a conversion checks:
-torch's eps is 1e-5 where Keras's default epsilon is 1e-3, batch norm's momentum 0.1
-weights the new batch statistic where Keras's 0.9 (= 1 - 0.1) weights the old value, and a
-missing bias or affine transform must be missing on both sides.
+Only Linear transposes (and permutes, reading a flattened map); the rest copy. The configs
+are what a conversion checks: torch's eps is 1e-5 where Keras's default epsilon is 1e-3,
+batch norm's momentum 0.1 weights the new batch statistic where Keras's 0.9 (= 1 - 0.1,
+``bn_momentum_torch_to_keras``) weights the old value, and a missing bias or affine
+transform must be missing on both sides.
 
 What is refused, and what is not: a difference that a Keras argument fixes (epsilon,
 momentum, use_bias, center/scale, axis, mask_zero) or that changes the forward pass (torch
@@ -28,13 +29,13 @@ outside ``nn.Linear``.
 
 ``torch_config`` is the module's public attributes; ``bias`` there (whether the module has
 one: ``nn.Linear``/``nn.LayerNorm`` keep a missing bias as None, which ``vars()`` does not
-list) is optional, the tensors present decide when it is absent.
+list) is optional, the tensors present decide when it is absent. A Linear's may add
+``flatten_chw``: the (C, H, W) of the flattened feature map it reads.
 """
 import numpy as np
 
-from common import layout
-
-from .base import ConversionError, Converter, expect_equal, expect_shape, register
+from .base import (ConversionError, Converter, expect_equal, expect_weights, register,
+                   take_tensors)
 
 _TOLERANCE = 1e-6  # relative, for eps and momentum given as floats on both sides
 
@@ -59,25 +60,6 @@ def _expect_eps(torch_config, keras_config):
     _expect_close("eps", eps, keras_config["epsilon"], f"build the Keras layer with epsilon={eps:g}")
 
 
-def _take(tensors, wanted, ignored=()):
-    """[tensors[name] for name in wanted], shapes asserted; any other name is refused.
-    `wanted` is [(name, shape)]."""
-    unexpected = sorted(set(tensors) - {name for name, _ in wanted} - set(ignored))
-    missing = sorted({name for name, _ in wanted} - set(tensors))
-    if unexpected or missing:
-        raise ConversionError(f"torch tensors {sorted(tensors)} do not fit this configuration "
-                              f"(missing {missing}, unexpected {unexpected})")
-    return [expect_shape(name, np.asarray(tensors[name]), shape) for name, shape in wanted]
-
-
-def _expect_count(weights, wanted):
-    """Assert the Keras weights' count and shapes against [(keras name, shape)]."""
-    if len(weights) != len(wanted):
-        raise ConversionError(f"expected {len(wanted)} Keras weights "
-                              f"({', '.join(name for name, _ in wanted)}), got {len(weights)}")
-    return [expect_shape(name, np.asarray(w), shape) for w, (name, shape) in zip(weights, wanted)]
-
-
 def _affine(torch_scale, torch_center, keras_config, layer):
     """Keras (scale, center) must equal torch's (weight present, bias present)."""
     if (keras_config["scale"], keras_config["center"]) != (torch_scale, torch_center):
@@ -89,6 +71,35 @@ def _affine(torch_scale, torch_center, keras_config, layer):
 
 
 # -- Linear <-> Dense ---------------------------------------------------------------------------
+def flatten_order(chw):
+    """torch flattens an NCHW map in (C, H, W) order, Keras and TF1 an NHWC map in (H, W, C)
+    order: entry i is the (C, H, W) index of the i-th (H, W, C) feature."""
+    c, h, w = chw
+    return np.arange(c * h * w).reshape(c, h, w).transpose(1, 2, 0).ravel()
+
+
+def linear_weight_to_keras(weight, flatten_chw=None):
+    """Linear weight (out, in) -> Dense kernel (in, out): torch computes x W^T, Keras x W. A
+    Linear reading a flattened (C, H, W) map (``flatten_chw``) also has its inputs permuted to
+    (H, W, C) order (``flatten_order``): without it the shapes match, the outputs are wrong."""
+    assert weight.ndim == 2, f"expected an (out, in) weight, got shape {weight.shape}"
+    if flatten_chw is not None:
+        order = flatten_order(flatten_chw)
+        assert weight.shape[1] == order.size, f"expected {order.size} inputs, got {weight.shape}"
+        weight = weight[:, order]
+    return np.ascontiguousarray(weight.T)
+
+
+def linear_weight_to_torch(kernel, flatten_chw=None):
+    """Dense kernel (in, out) -> Linear weight (out, in), inputs back in (C, H, W) order."""
+    assert kernel.ndim == 2, f"expected an (in, out) kernel, got shape {kernel.shape}"
+    if flatten_chw is not None:
+        order = flatten_order(flatten_chw)
+        assert kernel.shape[0] == order.size, f"expected {order.size} inputs, got {kernel.shape}"
+        kernel = kernel[np.argsort(order)]
+    return np.ascontiguousarray(kernel.T)
+
+
 def _linear_check(torch_config, keras_config, has_bias):
     out, inp = torch_config["out_features"], torch_config["in_features"]
     expect_equal("output size", out, keras_config["units"], f"build the Dense with units={out}")
@@ -99,23 +110,35 @@ def _linear_check(torch_config, keras_config, has_bias):
 
 
 def linear_to_keras(tensors, torch_config, keras_config):
-    """weight (out, in) -> kernel (in, out) = weight.T; bias copied."""
+    """weight (out, in) -> kernel (in, out) = weight.T, rows permuted with ``flatten_chw``
+    (``linear_weight_to_keras``); bias copied."""
     has_bias = torch_has_bias(torch_config, tensors)
     out, inp = _linear_check(torch_config, keras_config, has_bias)
     wanted = [("weight", (out, inp))] + [("bias", (out,))] * has_bias
-    arrays = _take(tensors, wanted)
-    return [layout.dense_torch_to_tf(arrays[0])] + arrays[1:]
+    arrays = take_tensors(tensors, wanted)
+    return [linear_weight_to_keras(arrays[0], torch_config.get("flatten_chw"))] + arrays[1:]
 
 
 def linear_to_torch(weights, torch_config, keras_config):
-    """kernel (in, out) -> weight (out, in); bias copied."""
+    """kernel (in, out) -> weight (out, in) (``linear_weight_to_torch``); bias copied."""
     out, inp = _linear_check(torch_config, keras_config, torch_has_bias(torch_config))
     use_bias = keras_config["use_bias"]
-    arrays = _expect_count(weights, [("kernel", (inp, out))] + [("bias", (out,))] * use_bias)
-    return {"weight": layout.dense_tf_to_torch(arrays[0]), **({"bias": arrays[1]} if use_bias else {})}
+    arrays = expect_weights(weights, [("kernel", (inp, out))] + [("bias", (out,))] * use_bias)
+    weight = linear_weight_to_torch(arrays[0], torch_config.get("flatten_chw"))
+    return {"weight": weight, **({"bias": arrays[1]} if use_bias else {})}
 
 
 # -- BatchNorm1d/2d <-> BatchNormalization ---------------------------------------------------------
+BN_TORCH_TO_KERAS = {"weight": "gamma", "bias": "beta",
+                     "running_mean": "moving_mean", "running_var": "moving_variance"}
+BN_KERAS_TO_TORCH = {v: k for k, v in BN_TORCH_TO_KERAS.items()}
+
+
+def bn_momentum_torch_to_keras(momentum):
+    """torch: running = (1-m)*running + m*batch; Keras: moving = m'*moving + (1-m')*batch."""
+    return 1.0 - momentum
+
+
 def _batch_norm_check(torch_config, keras_config):
     """The Keras names present; refuses what differs (eps, momentum, affine, statistics)."""
     if not torch_config["track_running_stats"]:
@@ -130,7 +153,7 @@ def _batch_norm_check(torch_config, keras_config):
                               "renorm=False")
     _expect_eps(torch_config, keras_config)
     momentum = torch_config["momentum"]
-    keras_momentum = layout.bn_momentum_torch_to_keras(momentum)
+    keras_momentum = bn_momentum_torch_to_keras(momentum)
     if not np.isclose(keras_momentum, float(keras_config["momentum"]), rtol=_TOLERANCE, atol=0.0):
         raise ConversionError(
             f"momentum differs: torch {momentum:g} weights the new batch statistic, Keras "
@@ -141,25 +164,23 @@ def _batch_norm_check(torch_config, keras_config):
 
 
 def batch_norm_to_keras(tensors, torch_config, keras_config):
-    """weight, bias, running_mean, running_var -> gamma, beta, moving_mean, moving_variance
-    (``layout.batchnorm_torch_to_tf``); num_batches_tracked is dropped, as Keras has none."""
+    """weight, bias, running_mean, running_var -> gamma, beta, moving_mean, moving_variance,
+    as float32; num_batches_tracked is dropped, as Keras has none. The values carry over
+    unchanged: only the running statistics' update rule and the default eps differ."""
     names = _batch_norm_check(torch_config, keras_config)
     c = (torch_config["num_features"],)
-    torch_names = [layout.BN_TF_TO_TORCH[name] for name in names]
-    arrays = dict(zip(torch_names, _take(tensors, [(n, c) for n in torch_names],
-                                         ignored=("num_batches_tracked",))))
-    full = layout.batchnorm_torch_to_tf({"weight": np.ones(c), "bias": np.zeros(c), **arrays})
-    return [full[name] for name in names]
+    torch_names = [BN_KERAS_TO_TORCH[name] for name in names]
+    arrays = take_tensors(tensors, [(n, c) for n in torch_names], ignored=("num_batches_tracked",))
+    return [np.asarray(a, dtype=np.float32) for a in arrays]
 
 
 def batch_norm_to_torch(weights, torch_config, keras_config):
-    """gamma, beta, moving_mean, moving_variance -> weight, bias, running_mean, running_var
-    (without num_batches_tracked: ``load_state_dict`` keeps the module's own)."""
+    """gamma, beta, moving_mean, moving_variance -> weight, bias, running_mean, running_var,
+    as float32 (without num_batches_tracked: ``load_state_dict`` keeps the module's own)."""
     names = _batch_norm_check(torch_config, keras_config)
     c = (torch_config["num_features"],)
-    arrays = dict(zip(names, _expect_count(weights, [(n, c) for n in names])))
-    full = layout.batchnorm_tf_to_torch({"gamma": np.ones(c), "beta": np.zeros(c), **arrays})
-    return {layout.BN_TF_TO_TORCH[name]: full[layout.BN_TF_TO_TORCH[name]] for name in names}
+    arrays = expect_weights(weights, [(n, c) for n in names])
+    return {BN_KERAS_TO_TORCH[n]: np.asarray(a, dtype=np.float32) for n, a in zip(names, arrays)}
 
 
 # -- LayerNorm <-> LayerNormalization ----------------------------------------------------------------
@@ -188,11 +209,11 @@ _TORCH_NAME = {"gamma": "weight", "beta": "bias", "embeddings": "weight"}
 def _copy_to_keras(tensors, names, shape):
     """Same values, Keras names: gamma <- weight, beta <- bias, embeddings <- weight."""
     torch_names = [_TORCH_NAME[name] for name in names]
-    return _take(tensors, [(n, shape) for n in torch_names])
+    return take_tensors(tensors, [(n, shape) for n in torch_names])
 
 
 def _copy_to_torch(weights, names, shape):
-    arrays = _expect_count(weights, [(n, shape) for n in names])
+    arrays = expect_weights(weights, [(n, shape) for n in names])
     return {_TORCH_NAME[name]: a for name, a in zip(names, arrays)}
 
 
