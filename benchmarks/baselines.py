@@ -20,6 +20,7 @@ import numpy as np
 from common import config
 
 BATCH_SIZE, LEARNING_RATE = config.BATCH_SIZE, config.LEARNING_RATE
+MANUAL_TASKS = ("cnn", "mlp")  # the manual has no recurrent program
 
 
 def clocked(train):

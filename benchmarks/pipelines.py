@@ -13,16 +13,16 @@ from importlib import import_module
 
 from common import config
 from common.seed import seed_everything
-from benchmarks.baselines import MANUAL, clocked, fit_epochs
+from benchmarks.baselines import MANUAL, MANUAL_TASKS, clocked, fit_epochs
 from benchmarks.data import benchmark_data
 
 SEED, BATCH_SIZE, LEARNING_RATE = config.SEED, config.BATCH_SIZE, config.LEARNING_RATE
-
-# loop: (package, CNN entry point, MLP entry point, the manual reference it is measured against)
-LOOPS = {"torch": ("torch_impl", "run_cnn", "run_nn", "manual torch DataLoader pipeline"),
-         "tape": ("tf2_impl", "run_cnn", "run_nn", "manual TF2 GradientTape loop"),
-         "fit": ("tf2_impl", "run_cnn_keras", "run_nn_keras", "manual Keras fit"),
-         "tf1": ("tf1_compat", "run_cnn", "run_nn", "manual TF1 graph")}
+PROGRAMS = {"cnn": "run_cnn", "mlp": "run_nn", "rnn": "run_rnn"}  # task: entry point's name
+# loop: (package, its entry points' suffix, the manual reference it is measured against)
+LOOPS = {"torch": ("torch_impl", "", "manual torch DataLoader pipeline"),
+         "tape": ("tf2_impl", "", "manual TF2 GradientTape loop"),
+         "fit": ("tf2_impl", "_keras", "manual Keras fit"),
+         "tf1": ("tf1_compat", "", "manual TF1 graph")}
 VARIANTS = ("plain", "fast")
 
 
@@ -31,28 +31,29 @@ class Pipeline:
     name: str      # the entry point ("torch_impl.run_cnn") or the manual reference's name
     variant: str   # "plain", "fast" or "manual"
     loop: str      # its key in LOOPS
+    reference: str = None  # the manual reference's name (the manual has no RNN: None)
 
-    reference = property(lambda self: LOOPS[self.loop][3])  # the manual reference's name
     package = property(lambda self: LOOPS[self.loop][0])
 
 
 def pipelines(task):
-    """Every pipeline of `task` ("cnn" or "mlp"): per loop, the reference, then plain and fast."""
+    """Every pipeline of `task`: per loop, the manual reference (if any), then plain and fast."""
     found = []
-    for loop, (package, cnn, mlp, reference) in LOOPS.items():
-        entry = f"{package}.{cnn if task == 'cnn' else mlp}"
-        found.append(Pipeline(reference, "manual", loop))
-        found += [Pipeline(entry, variant, loop) for variant in VARIANTS]
+    for loop, (package, suffix, reference) in LOOPS.items():
+        reference = reference if task in MANUAL_TASKS else None
+        entry = f"{package}.{PROGRAMS[task]}{suffix}"
+        found += [Pipeline(reference, "manual", loop, reference)] if reference else []
+        found += [Pipeline(entry, variant, loop, reference) for variant in VARIANTS]
     return found
 
 
 class Parts:
     """An implementation's functions as its entry point picks them: with `fast`, those its
-    fast.py defines (same names as the plain ones they replace), else models.py / train.py's."""
+    fast.py defines (same names as the plain ones they replace), else [rnn_]models/train.py's."""
 
-    def __init__(self, package, fast):
+    def __init__(self, package, fast, task="cnn"):
         self.fast = fast
-        names = (["fast"] if fast else []) + ["models", "train"]
+        names = ["fast"] * fast + ["rnn_models"] * (task == "rnn") + ["models", "train"]
         self.modules = [import_module(f"{package}.{name}") for name in names]
 
     def __getattr__(self, name):
@@ -61,8 +62,10 @@ class Parts:
                 return getattr(module, name)
         raise AttributeError(f"{self.modules[-1].__package__} defines no {name}")
 
-    def build_model(self, data, **api):
-        if data.task == "classification":
+    def build_model(self, task, data, **api):
+        if task == "rnn":
+            return self.build_rnn(data.input_shape[-1], data.num_classes, **api)
+        if task == "cnn":
             return self.build_cnn(data.input_shape, data.num_classes, **api)
         return self.build_mlp(data.input_shape[-1], **api)
 
@@ -78,7 +81,7 @@ def torch_loop(task, data, device, parts):
     home = device if parts.fast else torch.device("cpu")
     x = torch.from_numpy(nhwc_to_nchw(data.x) if task == "cnn" else data.x).to(home)
     y = torch.from_numpy(data.y).to(home)
-    model = parts.build_model(data).to(device)
+    model = parts.build_model(task, data).to(device)
     loss_fn, optimizer = parts.make_loss(data.task), parts.make_optimizer(model, LEARNING_RATE)
     return clocked(lambda n: parts.train_one_epoch(
         model, parts.make_batches(x, y, BATCH_SIZE, SEED, n), loss_fn, optimizer, data.task))
@@ -87,7 +90,7 @@ def torch_loop(task, data, device, parts):
 def tape_loop(task, data, device, parts):
     parts.resolve_device(device)
     seed_everything(SEED)
-    model = parts.build_model(data)
+    model = parts.build_model(task, data)
     step = parts.make_train_step(model, parts.make_loss(data.task),
                                  parts.make_optimizer(model, LEARNING_RATE))
     return clocked(lambda n: parts.train_one_epoch(
@@ -97,14 +100,13 @@ def tape_loop(task, data, device, parts):
 def fit_loop(task, data, device, parts):
     parts.resolve_device(device)
     seed_everything(SEED)
-    model = parts.build_model(data, api="functional" if task == "cnn" else "sequential")
+    model = parts.build_model(task, data, api="sequential" if task == "mlp" else "functional")
     model.compile(optimizer=parts.make_optimizer(model, LEARNING_RATE),
                   loss=parts.make_loss(data.task), metrics=[parts.make_metric(data.task)],
                   jit_compile=False)
-    steps = -(-len(data.x) // BATCH_SIZE)
     # Epoch n's feed starts after n - 1 epochs (fit's initial_epoch).
     return fit_epochs(model, lambda n: parts.make_fit_batches(
-        data.x, data.y, BATCH_SIZE, SEED, n - 1), steps_per_epoch=steps)
+        data.x, data.y, BATCH_SIZE, SEED, n - 1), steps_per_epoch=-(-len(data.x) // BATCH_SIZE))
 
 
 def tf1_loop(task, data, device, parts):
@@ -114,7 +116,7 @@ def tf1_loop(task, data, device, parts):
     graph = tf.Graph()
     with graph.as_default():
         tf.compat.v1.set_random_seed(SEED)
-        model = parts.build_model(data)
+        model = parts.build_model(task, data)
         loss = parts.make_loss(data.task, model)
         step = parts.make_train_step(parts.make_optimizer(LEARNING_RATE), loss)
         initialize = tf.compat.v1.global_variables_initializer()
@@ -132,7 +134,7 @@ def set_up(pipeline, task, data, device):
     """`pipeline` ready to train: a function that trains epoch n and returns its seconds."""
     if pipeline.variant == "manual":
         return MANUAL[pipeline.name](task, data, device)
-    parts = Parts(pipeline.package, pipeline.variant == "fast")
+    parts = Parts(pipeline.package, pipeline.variant == "fast", task)
     return SET_UP[pipeline.loop](task, data, device, parts)
 
 
@@ -147,8 +149,8 @@ def work(group, settings, conn, log):
     --quick: "ready" on `conn`, then wait for "go"); send {pipeline: {"epoch_seconds": [...],
     "error": None or one line}} at the end. Its output (framework logs...) goes to `log`."""
     out = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
-    os.dup2(out, 1)
-    os.dup2(out, 2)
+    for fd in (1, 2):
+        os.dup2(out, fd)
     if settings["device"] == "cpu":
         os.environ["CUDA_VISIBLE_DEVICES"] = ""  # no framework can put work on a GPU
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")

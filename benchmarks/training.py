@@ -1,12 +1,12 @@
 """Training throughput of every pipeline of one task: ``python -m benchmarks.training``.
 
-The CNN (CIFAR-shaped images) or the MLP (make_friedman1 rows) through every entry point,
-``plain`` and ``fast``, and the manual's references (``benchmarks.pipelines``), each in a
-freshly spawned process (``CUDA_VISIBLE_DEVICES=""`` on the CPU). They take turns, one epoch
-each per round, so a slow spell of a shared machine spreads over all. A figure is the median
-of the timed epochs after one warm-up; its ratio divides it by its framework's reference in
-the same run. TensorFlow's pipelines run only where TensorFlow imports (and on CUDA sees a
-GPU), else they are reported skipped. ``--quick``: a smoke run, one process per framework.
+The CNN (CIFAR-shaped images), the RNN (the same, a row per step) or the MLP (make_friedman1
+rows) through every entry point, ``plain`` and ``fast``, and the manual's CNN and MLP references
+(``benchmarks.pipelines``), each in a fresh process (``CUDA_VISIBLE_DEVICES=""`` on the CPU).
+They take turns, one epoch each per round: a slow spell of a shared machine spreads over all. A
+figure is the median of the timed epochs after one warm-up; its ratio divides it by its
+framework's reference in the same run. TensorFlow's pipelines run only where it imports (on CUDA:
+sees a GPU), else they are reported skipped. ``--quick``: a smoke run, one process per framework.
 """
 import argparse
 import multiprocessing
@@ -22,9 +22,9 @@ from common.outputs import atomic_write_text, write_json
 from benchmarks import machine
 from benchmarks.pipelines import pipelines, work
 
-ITEMS = {"cnn": 10000, "mlp": 50000}
-QUICK_ITEMS = {"cnn": 300, "mlp": 2000}
-UNIT = {"cnn": "images/s", "mlp": "rows/s"}
+ITEMS = {"cnn": 10000, "mlp": 50000, "rnn": 10000}
+QUICK_ITEMS = {"cnn": 300, "mlp": 2000, "rnn": 300}
+UNIT = {"cnn": "images/s", "mlp": "rows/s", "rnn": "sequences/s"}
 PAUSE = 0.2      # seconds between turns: the last process's worker threads stop spinning
 TIMEOUT = 1800   # seconds a process may go without a word before it is stopped
 TF32 = "framework defaults (torch: convolutions; tensorflow: all)"  # no --deterministic here
@@ -120,7 +120,7 @@ def make_records(results, settings, info):
 def report(records, failures, skipped, settings, info):
     """The table: per implementation, plain next to fast, and both against its reference."""
     rate = {(r["name"], r["variant"]): r["items_per_second"] for r in records}
-    number = lambda v: f"{v:,.0f}" if v else "-"  # noqa: E731
+    num = lambda v: f"{v:,.0f}" if v else "-"  # noqa: E731
     ratio = lambda a, b: f"{a / b:.2f}x" if a and b else "-"  # noqa: E731
     quick = "; --quick: a smoke run, not a measurement" if settings["quick"] else ""
     lines = [f"benchmarks.training on {machine.describe(info)}",
@@ -129,22 +129,22 @@ def report(records, failures, skipped, settings, info):
              f"epochs after {settings['warmup']} warm-up; TF32 {settings['tf32']}{quick}", "",
              f"{'implementation':24s} {'plain':>9s} {'fast':>9s} {'fast/plain':>10s}   "
              f"{'manual reference':34s} {'manual':>9s} {'plain/ref':>9s} {'fast/ref':>9s}"]
-    found = pipelines(settings["task"])  # per loop: manual, plain, fast
-    for manual, plain, fast in zip(found[::3], found[1::3], found[2::3]):
-        m, p, f = (rate.get((x.name, x.variant)) for x in (manual, plain, fast))
-        lines.append(f"{plain.name:24s} {number(p):>9s} {number(f):>9s} {ratio(f, p):>10s}   "
-                     f"{manual.name:34s} {number(m):>9s} {ratio(p, m):>9s} {ratio(f, m):>9s}")
+    for x in (x for x in pipelines(settings["task"]) if x.variant == "plain"):  # per loop
+        p, f, m = (rate.get(key) for key in ((x.name, "plain"), (x.name, "fast"),
+                                             (x.reference, "manual")))
+        lines.append(f"{x.name:24s} {num(p):>9s} {num(f):>9s} {ratio(f, p):>10s}   "
+                     f"{x.reference or '-':34s} {num(m):>9s} {ratio(p, m):>9s} {ratio(f, m):>9s}")
     return "\n".join(lines + [f"FAILED {f}" for f in failures] + [f"SKIPPED {s}" for s in skipped])
 
 
 def build_parser():
     parser = argparse.ArgumentParser(prog="python -m benchmarks.training",
                                      description=__doc__.split("\n")[0])
-    parser.add_argument("--task", default="cnn", choices=("cnn", "mlp"))
+    parser.add_argument("--task", default="cnn", choices=sorted(ITEMS))
     parser.add_argument("--epochs", type=positive_int, default=5,
                         help="timed epochs (default 5), after one warm-up epoch")
     parser.add_argument("--items", type=positive_int, default=None,
-                        help="training images or rows (default 10,000 images, 50,000 rows)")
+                        help="training items (default 10,000 images or sequences, 50,000 rows)")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
                         help="auto: CUDA when a GPU is visible, else the CPU")
     parser.add_argument("--json", default=None, metavar="PATH", help="write the records to PATH")

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 from common import config
-from common.datasets import IMAGE_DATASETS, TABULAR_DATASETS
+from common.datasets import DATASETS
 from common.errors import UserError
 
 RUN_CONFIG = "run_config.json"
@@ -38,8 +38,9 @@ def positive_float(text):
 
 def build_parser(module, kind, description):
     """The shared flags. `module` names the entry point (for --out), `kind` is
-    "image" (CNN) or "tabular" (MLP)."""
-    datasets = IMAGE_DATASETS if kind == "image" else TABULAR_DATASETS
+    "image" (CNN), "tabular" (MLP) or "sequence" (the recurrent classifier, which also
+    takes --cell and --bidirectional)."""
+    datasets = DATASETS[kind]
     parser = argparse.ArgumentParser(prog=f"python -m {module}", description=description)
     parser.set_defaults(module=module, kind=kind)
     parser.add_argument("--dataset", default="auto", choices=datasets,
@@ -48,7 +49,8 @@ def build_parser(module, kind, description):
     parser.add_argument("--download", action="store_true", help="allow downloading the dataset")
     parser.add_argument("--epochs", type=positive_int, default=config.EPOCHS)
     parser.add_argument("--batch-size", type=positive_int, default=config.BATCH_SIZE)
-    parser.add_argument("--lr", type=positive_float, default=config.LEARNING_RATE,
+    lr = config.RNN_LEARNING_RATE if kind == "sequence" else config.LEARNING_RATE
+    parser.add_argument("--lr", type=positive_float, default=lr,
                         help="Adam learning rate")
     parser.add_argument("--seed", type=int, default=config.SEED)
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
@@ -66,6 +68,11 @@ def build_parser(module, kind, description):
     parser.add_argument("--fast", action="store_true",
                         help="the measured speed variants of this framework's fast.py (same "
                              "function, proven by the parity tests)")
+    if kind == "sequence":
+        parser.add_argument("--cell", default="lstm", choices=config.RNN_CELLS,
+                            help="the recurrent layer: LSTM or GRU")
+        parser.add_argument("--bidirectional", action="store_true",
+                            help="read each sequence forwards and backwards")
     return parser
 
 

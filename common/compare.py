@@ -10,6 +10,7 @@ table with its error while the others still finish.
 
     uv run python -m common.compare --task cnn --epochs 10
     uv run python -m common.compare --task mlp --dataset diabetes
+    uv run python -m common.compare --task rnn --cell gru
 """
 import argparse
 import json
@@ -20,6 +21,7 @@ import time
 from pathlib import Path
 
 from common.cli import positive_int
+from common.config import RNN_CELLS
 from common.outputs import atomic_path, write_json, atomic_write_text
 
 IMPLEMENTATIONS = {
@@ -27,8 +29,11 @@ IMPLEMENTATIONS = {
             ("tf2-fit", "tf2_impl.run_cnn_keras"), ("tf1", "tf1_compat.run_cnn")],
     "mlp": [("torch", "torch_impl.run_nn"), ("tf2-tape", "tf2_impl.run_nn"),
             ("tf2-fit", "tf2_impl.run_nn_keras"), ("tf1", "tf1_compat.run_nn")],
+    "rnn": [("torch", "torch_impl.run_rnn"), ("tf2-tape", "tf2_impl.run_rnn"),
+            ("tf2-fit", "tf2_impl.run_rnn_keras"), ("tf1", "tf1_compat.run_rnn")],
 }
-DEFAULT_DATASET = {"cnn": "digits", "mlp": "friedman"}
+DEFAULT_DATASET = {"cnn": "digits", "mlp": "friedman", "rnn": "digits"}
+KIND = {"cnn": "image", "mlp": "tabular", "rnn": "sequence"}
 
 # Runs in a child process: common/ itself never imports a framework.
 _INITIAL_WEIGHTS = """
@@ -37,20 +42,25 @@ import torch
 from common.datasets import load_dataset
 from common.weights import save_weights, weights_metadata
 from torch_impl.models import build_cnn, build_mlp, export_weights
-task, dataset_name, data_dir, seed, path = sys.argv[1:]
-kind = "image" if task == "cnn" else "tabular"
+from torch_impl.rnn_models import build_rnn
+task, kind, dataset_name, data_dir, seed, path, cell, bidirectional = sys.argv[1:]
 dataset = load_dataset(dataset_name, kind, data_dir, int(seed))
 torch.manual_seed(int(seed))
-model = (build_cnn(dataset.input_shape, dataset.num_classes) if task == "cnn"
-         else build_mlp(dataset.input_shape[-1]))
-save_weights(path, export_weights(model), weights_metadata(dataset, "torch (initial)"))
+options = {"cell": cell, "bidirectional": bidirectional == "True"} if task == "rnn" else {}
+model = {"cnn": lambda: build_cnn(dataset.input_shape, dataset.num_classes),
+         "mlp": lambda: build_mlp(dataset.input_shape[-1]),
+         "rnn": lambda: build_rnn(dataset.input_shape[-1], dataset.num_classes, **options)}[task]()
+save_weights(path, export_weights(model), weights_metadata(dataset, "torch (initial)", options))
 """
 
 
 def build_parser():
     parser = argparse.ArgumentParser(prog="python -m common.compare", description=__doc__.split("\n")[0])
     parser.add_argument("--task", choices=sorted(IMPLEMENTATIONS), default="cnn")
-    parser.add_argument("--dataset", default=None, help="default: digits (cnn) / friedman (mlp)")
+    parser.add_argument("--dataset", default=None,
+                        help="default: digits (cnn, rnn) / friedman (mlp)")
+    parser.add_argument("--cell", choices=RNN_CELLS, default="lstm", help="rnn: the recurrent layer")
+    parser.add_argument("--bidirectional", action="store_true", help="rnn: read both ways")
     parser.add_argument("--data-dir", default="./data")
     parser.add_argument("--epochs", type=positive_int, default=10)
     parser.add_argument("--batch-size", type=positive_int, default=100)
@@ -69,6 +79,8 @@ def _run_one(name, module, args, out, initial):
                "--epochs", str(args.epochs), "--batch-size", str(args.batch_size),
                "--seed", str(args.seed), "--device", args.device, "--weights", str(initial),
                "--deterministic", "--out", str(run_dir)]
+    if args.task == "rnn":
+        command += ["--cell", args.cell] + (["--bidirectional"] if args.bidirectional else [])
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "TF_CPP_MIN_LOG_LEVEL": "2"}
     print(f"[{name}] {' '.join(command[1:])}", flush=True)
     start = time.perf_counter()
@@ -97,7 +109,7 @@ def _curve(result, key):
 
 def summarise(results, task):
     """Table rows: test metric, seconds, throughput, max |val loss - torch's| over epochs."""
-    metric = "accuracy" if task == "cnn" else "r2"
+    metric = "r2" if task == "mlp" else "accuracy"
     reference = next((r for r in results if r["implementation"] == "torch" and r["ok"]), None)
     rows = []
     for r in results:
@@ -117,7 +129,7 @@ def summarise(results, task):
 
 
 def format_table(rows, task):
-    metric = "accuracy" if task == "cnn" else "r2"
+    metric = "r2" if task == "mlp" else "accuracy"
     header = f"{'implementation':<10} {'test ' + metric:>13} {'seconds':>8} {'items/s':>9} {'max |dval loss|':>16}"
     lines = [header, "-" * len(header)]
     for row in rows:
@@ -135,7 +147,7 @@ def plot(results, task, path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    metric = "accuracy" if task == "cnn" else "mse"
+    metric = "mse" if task == "mlp" else "accuracy"
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     for r in results:
         if not r["ok"]:
@@ -163,14 +175,16 @@ def main(argv=None):
     out = Path(args.out or f"runs/compare-{args.task}-{time.strftime('%Y%m%d-%H%M%S')}")
     out.mkdir(parents=True, exist_ok=True)
     initial = out / "initial.weights.safetensors"
-    subprocess.run([sys.executable, "-c", _INITIAL_WEIGHTS, args.task, args.dataset, args.data_dir,
-                    str(args.seed), str(initial)], check=True)
+    subprocess.run([sys.executable, "-c", _INITIAL_WEIGHTS, args.task, KIND[args.task],
+                    args.dataset, args.data_dir, str(args.seed), str(initial), args.cell,
+                    str(args.bidirectional)], check=True)
     chosen = [(n, m) for n, m in IMPLEMENTATIONS[args.task] if not args.only or n in args.only]
     results = [_run_one(name, module, args, out, initial) for name, module in chosen]
     rows = summarise(results, args.task)
     table = format_table(rows, args.task)
     plot(results, args.task, out / f"compare-{args.task}.png")
-    write_json(out / "compare.json", {"task": args.task, "dataset": args.dataset,
+    model = {"cell": args.cell, "bidirectional": args.bidirectional} if args.task == "rnn" else {}
+    write_json(out / "compare.json", {"task": args.task, "dataset": args.dataset, **model,
                                       "epochs": args.epochs, "rows": rows})
     atomic_write_text(out / "compare.txt", table + "\n")
     print(table)

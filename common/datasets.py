@@ -1,7 +1,8 @@
 """Datasets as numpy arrays: deterministic splits, train-only normalisation.
 
 ``load_dataset(name, ...)`` returns a ``Dataset`` with train/val/test arrays and
-metadata. The canonical in-memory image layout is **NHWC float32** (samples,
+metadata. Kinds: "image" (CNN), "tabular" (MLP) and "sequence" (the recurrent
+program: an image dataset read one image row per time step). The canonical in-memory image layout is **NHWC float32** (samples,
 height, width, channels), normalised per channel; torch converts it to NCHW with
 ``common.layout.nhwc_to_nchw``, TF uses it as it is. Tabular features are
 float32 (samples, features), normalised per feature. Classification labels are
@@ -21,6 +22,8 @@ from common.errors import DataError
 
 IMAGE_DATASETS = ("auto", "cifar10", "digits", "synthetic")
 TABULAR_DATASETS = ("auto", "california", "friedman", "diabetes")
+SEQUENCE_DATASETS = IMAGE_DATASETS  # the same images, read as sequences of rows
+DATASETS = {"image": IMAGE_DATASETS, "tabular": TABULAR_DATASETS, "sequence": SEQUENCE_DATASETS}
 VAL_FRACTION = 0.1
 TEST_FRACTION = 0.2
 CIFAR_VAL_SIZE = 5000
@@ -212,9 +215,20 @@ def load_california(data_dir, seed, download=False):
                    feature_names=list(bunch.feature_names))
 
 
+def as_sequences(dataset):
+    """Image rows as time steps: x (N, H, W, C) -> (N, H, W*C), each step's features in
+    (W, C) order (digits: 8 steps of 8; CIFAR-10: 32 steps of 32x3). Same splits and
+    the same train-only per-channel normalisation as the images (``mean``/``std``)."""
+    for split in ("x_train", "x_val", "x_test"):
+        x = getattr(dataset, split)
+        setattr(dataset, split, np.ascontiguousarray(x.reshape(len(x), x.shape[1], -1)))
+    dataset.extra["sequence"] = "one image row per time step, features in (width, channel) order"
+    return dataset
+
+
 def resolve_auto(kind, data_dir):
     """(dataset name, one line saying which was used and how to fetch the real one)."""
-    if kind == "image":
+    if kind in ("image", "sequence"):
         if cifar10.is_present(data_dir):
             return "cifar10", f"dataset auto: using CIFAR-10 found in {data_dir}"
         return "digits", ("dataset auto: CIFAR-10 is not in "
@@ -228,8 +242,8 @@ def resolve_auto(kind, data_dir):
 
 
 def load_dataset(name, kind, data_dir="data", seed=0, download=False):
-    """Load dataset `name` for a task `kind` ("image" or "tabular")."""
-    choices = IMAGE_DATASETS if kind == "image" else TABULAR_DATASETS
+    """Load dataset `name` for a task `kind` ("image", "tabular" or "sequence")."""
+    choices = DATASETS[kind]
     if name not in choices:
         raise DataError(f"unknown {kind} dataset {name!r}; choose one of {', '.join(choices)}")
     note = ""
@@ -244,5 +258,7 @@ def load_dataset(name, kind, data_dir="data", seed=0, download=False):
         "california": lambda: load_california(data_dir, seed, download),
     }
     dataset = loaders[name]()
+    if kind == "sequence":
+        dataset = as_sequences(dataset)
     dataset.extra["note"] = note
     return dataset

@@ -40,7 +40,7 @@ from common.frameworks import tf32_in_use
 from common.outputs import (atomic_write_text, plot_curves, predictions_csv, setup_logger,
                             write_json)
 from common.seed import epoch_seed
-from common.weights import save_weights, weights_metadata
+from common.weights import model_options, save_weights, weights_metadata
 
 STATE = "state.json"
 CHECKPOINTS = "checkpoint"
@@ -269,7 +269,7 @@ class TrainingRun:
             if self.history:
                 plot_curves(self.out / "curves.png", self.history, self.metric)
             save_weights(self.out / "weights.safetensors", weights,
-                         weights_metadata(d, self.implementation))
+                         weights_metadata(d, self.implementation, model_options(self.args)))
         summary = ", ".join(f"{k} {v:.4f}" for k, v in test.items() if isinstance(v, float))
         given = f"best epoch {self.best_epoch}" if self.best_epoch else "given weights"
         self.log.info(f"test ({given}): {summary}; outputs in {self.out}")

@@ -14,13 +14,16 @@ from pathlib import Path
 
 import numpy as np
 
-from common.config import cnn_parameter_shapes, mlp_parameter_shapes
+from common.config import cnn_parameter_shapes, mlp_parameter_shapes, rnn_parameter_shapes
 from common.errors import WeightsError
 from common.outputs import atomic_path
 
 
-def expected_shapes(task, input_shape, num_classes=0):
-    """The tensors a shared weights file must hold for this model."""
+def expected_shapes(task, input_shape, num_classes=0, cell=None, bidirectional=False):
+    """The tensors a shared weights file must hold for this model: the recurrent
+    classifier when `cell` is given, else the CNN (classification) or the MLP."""
+    if cell is not None:
+        return rnn_parameter_shapes(input_shape[-1], num_classes, cell, bidirectional)
     if task == "classification":
         return cnn_parameter_shapes(input_shape, num_classes)
     return mlp_parameter_shapes(input_shape[-1])
@@ -82,18 +85,32 @@ def check_tensors(path, tensors, expected):
             raise WeightsError(f"{path}: tensor {name!r} holds NaN or infinite values")
 
 
-def load_weights(path, task, input_shape, num_classes=0):
+def load_weights(path, task, input_shape, num_classes=0, cell=None, bidirectional=False):
     """Read and validate a shared weights file for this model: (tensors, metadata)."""
     tensors, meta = read_weights(path)
-    check_tensors(path, tensors, expected_shapes(task, input_shape, num_classes))
+    if cell is not None and meta.get("cell") not in (None, cell):
+        raise WeightsError(f"{path} holds a {meta['cell']} model, this run builds a {cell}: "
+                           f"pass --cell {meta['cell']}")
+    expected = expected_shapes(task, input_shape, num_classes, cell, bidirectional)
+    check_tensors(path, tensors, expected)
     if meta.get("task") not in (None, task):
         raise WeightsError(f"{path} holds a {meta.get('task')} model, this run trains a {task} model")
-    return {k: tensors[k].astype(np.float32) for k in expected_shapes(task, input_shape, num_classes)}, meta
+    return {k: tensors[k].astype(np.float32) for k in expected}, meta
 
 
-def weights_metadata(dataset, implementation):
+def weights_metadata(dataset, implementation, model=None):
+    """The file's metadata: the dataset's, the writer, and `model` (e.g. the cell)."""
     meta = dataset.metadata()
+    meta.update(model or {})
     meta["implementation"] = implementation
     meta["format"] = "dl-rosetta shared weights v1 (torch state_dict names and layouts)"
     return meta
 
+
+
+def model_options(args):
+    """The architecture options of a run beyond the dataset (the recurrent program's cell
+    and direction), as ``load_weights`` keywords and weights-file metadata."""
+    if getattr(args, "kind", None) != "sequence":
+        return {}
+    return {"cell": args.cell, "bidirectional": args.bidirectional}

@@ -20,6 +20,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
@@ -143,6 +144,52 @@ def expect_exit(capsys, main, argv, code, *words):
     for word in words:
         assert word in line, line
     return line
+
+
+def wait_for(path, text, proc, timeout=240):
+    """Wait until the file at `path` holds `text`; fail when `proc` exits first."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.exists() and text in path.read_text(errors="replace"):
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"exited {proc.returncode} before {text!r}:\n{path.read_text()[-2000:]}")
+        time.sleep(0.05)
+    raise AssertionError(f"no {text!r} within {timeout}s")
+
+
+def interrupt_then_resume(spawn, module, argv, tmp_path, epochs=4):
+    """`module` run uninterrupted and, beside it, stopped by a real signal (SIGTERM for the
+    TF2 runners, SIGINT for the others) once its log shows epoch 1: exit 128 + signal with a
+    resume hint and no predictions; --resume finishes it with the uninterrupted run's
+    predictions and test metrics."""
+    sig = signal.SIGTERM if module.startswith("tf2") else signal.SIGINT
+    argv = [*argv, "--epochs", str(epochs)]
+    with open(tmp_path / "full.log", "w") as log:
+        full = spawn(module, [*argv, "--out", str(tmp_path / "full")], log)
+    with open(tmp_path / "cut.log", "w") as log:
+        cut = spawn(module, [*argv, "--out", str(tmp_path / "cut")], log)
+        wait_for(tmp_path / "cut" / "run.log", f"epoch 1/{epochs}:", cut)
+        cut.send_signal(sig)
+        assert cut.wait(timeout=240) == 128 + sig
+    log_text = (tmp_path / "cut.log").read_text()
+    assert f"--resume {tmp_path / 'cut'}" in log_text and "Traceback" not in log_text
+    assert not (tmp_path / "cut" / "predictions.csv").exists()
+    with open(tmp_path / "resume.log", "w") as log:
+        assert spawn(module, ["--resume", str(tmp_path / "cut")], log).wait(timeout=240) == 0
+    assert full.wait(timeout=240) == 0
+    assert [e["epoch"] for e in metrics(tmp_path / "cut")["epochs"]] == list(range(1, epochs + 1))
+    assert (tmp_path / "cut" / "predictions.csv").read_bytes() == \
+        (tmp_path / "full" / "predictions.csv").read_bytes()
+    assert metrics(tmp_path / "cut")["test"] == metrics(tmp_path / "full")["test"]
+
+
+def expect_nan_stop(capsys, module, argv, out):
+    """A run whose loss turns non-finite: exit 3, told to lower the learning rate, no weights."""
+    assert call(module, [*argv, "--out", str(out)]) == 3
+    err = capsys.readouterr().err
+    assert "loss became" in err and "Lower the learning rate" in err and "Traceback" not in err
+    assert not (out / "weights.safetensors").exists()
 
 
 def random_shared_weights(task, input_shape, num_classes=10, seed=0, scale=0.1):

@@ -42,11 +42,11 @@ def fake_results(task, rates, items=200):
 
 
 def test_every_entry_point_plain_and_fast_against_its_frameworks_reference():
-    for task, entry in (("cnn", "run_cnn"), ("mlp", "run_nn")):
+    for task, entry in (("cnn", "run_cnn"), ("mlp", "run_nn"), ("rnn", "run_rnn")):
         found = pipelines(task)
-        assert len({(p.name, p.variant) for p in found}) == len(found) == 12
         manual = {p.name for p in found if p.variant == "manual"}
-        assert manual == set(REFERENCES.values())
+        assert manual == (set() if task == "rnn" else set(REFERENCES.values()))  # no manual RNN
+        assert len({(p.name, p.variant) for p in found}) == len(found) == 8 + len(manual)
         names = {p.name for p in found if p.variant != "manual"}
         assert names == {f"torch_impl.{entry}", f"tf2_impl.{entry}", f"tf2_impl.{entry}_keras",
                          f"tf1_compat.{entry}"}
@@ -55,6 +55,21 @@ def test_every_entry_point_plain_and_fast_against_its_frameworks_reference():
     for p in pipelines("cnn"):
         key = p.name if p.name.startswith("tf2_impl") else p.package
         assert p.reference == (p.name if p.variant == "manual" else REFERENCES[key])
+    assert all(p.reference is None for p in pipelines("rnn"))
+
+
+def test_rnn_rows_stand_without_a_manual_reference(tmp_path, monkeypatch, capsys):
+    rates = {(p.name, p.variant): 100.0 + i for i, p in enumerate(pipelines("rnn"))}
+    monkeypatch.setattr(training, "ask", lambda code: "None")  # TensorFlow can run here
+    monkeypatch.setattr(training, "measure",
+                        lambda groups, config, logs: fake_results("rnn", rates, config["items"]))
+    training.main(["--task", "rnn", "--device", "cpu", "--items", "500", "--out", str(tmp_path)])
+    records = json.loads((tmp_path / "training.json").read_text())["records"]
+    assert len(records) == 8 and {r["unit"] for r in records} == {"sequences/s"}
+    assert all(r["reference"] is None and r["ratio_to_baseline"] is None for r in records)
+    row = next(line for line in capsys.readouterr().out.splitlines()
+               if line.startswith("tf1_compat.run_rnn"))
+    assert row.split()[1:] == ["106", "107", "1.01x", "-", "-", "-", "-"]
 
 
 def test_ratios_divide_by_the_same_frameworks_reference_in_the_same_run():
@@ -163,18 +178,21 @@ def test_fast_functions_replace_the_plain_ones_of_the_same_name():
         quick.no_such_function
 
 
-@pytest.mark.parametrize("task", ["cnn", "mlp"])
+@pytest.mark.parametrize("task", ["cnn", "mlp", "rnn"])
 def test_torch_and_tf2_pipelines_train_one_epoch(task):
     """In this process (torch and TF2 are imported already); TF1 needs its own (below)."""
     data = benchmark_data(task, 100)
+    if task == "rnn":  # the CNN's images, one row (32 x 3 features) per time step
+        np.testing.assert_array_equal(data.x, benchmark_data("cnn", 100).x.reshape(100, 32, 96))
     for p in pipelines(task):
         if p.package != "tf1_compat":
             assert set_up(p, task, data, "cpu")(1) > 0, p
 
 
-def test_tf1_pipelines_take_turns_in_their_own_process(tmp_path):
-    group = [p for p in pipelines("cnn") if p.package == "tf1_compat"]
-    results = training.measure([group], settings(items=100), tmp_path)
+@pytest.mark.parametrize("task", ["cnn", "rnn"])
+def test_tf1_pipelines_take_turns_in_their_own_process(tmp_path, task):
+    group = [p for p in pipelines(task) if p.package == "tf1_compat"]
+    results = training.measure([group], settings(task, items=100), tmp_path)
     for p in group:
         assert results[p]["error"] is None and len(results[p]["epoch_seconds"]) == 2, results[p]
     assert (tmp_path / "1-tf1_compat.log").is_file()

@@ -60,10 +60,12 @@ def test_guide_check_catches_a_missing_reference(bad):
     assert not path.is_file() or name not in _defined_names(path)
 
 
-def test_compare_smoke_writes_table_and_plot(tmp_path):
+@pytest.mark.parametrize("task, options", [("mlp", ["--dataset", "diabetes"]),
+                                           ("rnn", ["--cell", "gru"])])
+def test_compare_smoke_writes_table_and_plot(tmp_path, task, options):
     out = tmp_path / "cmp"
-    proc = subprocess.run([sys.executable, "-m", "common.compare", "--task", "mlp", "--dataset",
-                           "diabetes", "--epochs", "2", "--out", str(out)], cwd=REPO,
+    proc = subprocess.run([sys.executable, "-m", "common.compare", "--task", task, *options,
+                           "--epochs", "2", "--out", str(out)], cwd=REPO,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = json.loads((out / "compare.json").read_text())["rows"]
@@ -72,6 +74,11 @@ def test_compare_smoke_writes_table_and_plot(tmp_path):
     assert all(r["max_val_loss_diff_vs_torch"] is not None for r in rows)
     table = (out / "compare.txt").read_text()
     assert all(name in table for name in names)
-    assert (out / "compare-mlp.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (out / f"compare-{task}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     for name in names:  # progress was shown per implementation
         assert f"[{name}] epoch 2/2" in proc.stdout
+    if task == "rnn":  # digits by default; every run from the same initial GRU weights
+        saved = json.loads((out / "compare.json").read_text())
+        assert (saved["dataset"], saved["cell"]) == ("digits", "gru")
+        assert all(json.loads((out / name / "metrics.json").read_text())["cell"] == "gru"
+                   for name in names)

@@ -10,7 +10,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +19,7 @@ from common import outputs
 from common.errors import Interrupted
 from common.runner import CHECKPOINTS, STATE, StopSignal, TrainingRun
 from common.weights import read_weights, save_weights
-from parity_tests.conftest import REPO, call
+from parity_tests.conftest import REPO, call, expect_nan_stop, interrupt_then_resume
 
 RUNNERS = ["torch_impl.run_cnn", "torch_impl.run_nn", "tf2_impl.run_cnn", "tf2_impl.run_cnn_keras",
            "tf2_impl.run_nn", "tf2_impl.run_nn_keras", "tf1_compat.run_cnn", "tf1_compat.run_nn"]
@@ -33,17 +32,6 @@ def _small(module):
     return SMALL["cnn" if "cnn" in module else "nn"]
 
 
-def _wait_for(path, text, proc, timeout=240):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if path.exists() and text in path.read_text(errors="replace"):
-            return
-        if proc.poll() is not None:
-            raise AssertionError(f"exited {proc.returncode} before {text!r}:\n{path.read_text()[-2000:]}")
-        time.sleep(0.05)
-    raise AssertionError(f"no {text!r} within {timeout}s")
-
-
 def _test_metrics(run_dir):
     return json.loads((run_dir / "metrics.json").read_text())["test"]
 
@@ -53,26 +41,8 @@ def _test_metrics(run_dir):
 def test_interrupt_then_resume_equals_uninterrupted(module, tmp_path, spawn):
     """SIGINT (SIGTERM for the TF2 runners) after epoch 1 -> exit 130/143 with a resume
     hint; --resume finishes the run with the same predictions as an uninterrupted one."""
-    sig = signal.SIGTERM if module.startswith("tf2") else signal.SIGINT
-    argv = [*_small(module), "--epochs", "4", "--seed", "3", "--deterministic", "--device", "cpu"]
-    with open(tmp_path / "full.log", "w") as log:
-        full = spawn(module, [*argv, "--out", str(tmp_path / "full")], log)
-    with open(tmp_path / "cut.log", "w") as log:
-        cut = spawn(module, [*argv, "--out", str(tmp_path / "cut")], log)
-        _wait_for(tmp_path / "cut" / "run.log", "epoch 1/4:", cut)
-        cut.send_signal(sig)
-        assert cut.wait(timeout=240) == 128 + sig
-    log_text = (tmp_path / "cut.log").read_text()
-    assert f"--resume {tmp_path / 'cut'}" in log_text and "Traceback" not in log_text
-    assert not (tmp_path / "cut" / "predictions.csv").exists()
-    with open(tmp_path / "resume.log", "w") as log:
-        assert spawn(module, ["--resume", str(tmp_path / "cut")], log).wait(timeout=240) == 0
-    assert full.wait(timeout=240) == 0
-    resumed = json.loads((tmp_path / "cut" / "metrics.json").read_text())
-    assert [e["epoch"] for e in resumed["epochs"]] == [1, 2, 3, 4]
-    assert (tmp_path / "cut" / "predictions.csv").read_bytes() == \
-        (tmp_path / "full" / "predictions.csv").read_bytes()
-    assert _test_metrics(tmp_path / "cut") == _test_metrics(tmp_path / "full")
+    argv = [*_small(module), "--seed", "3", "--deterministic", "--device", "cpu"]
+    interrupt_then_resume(spawn, module, argv, tmp_path)
 
 
 @pytest.mark.parametrize("module", ["torch_impl.run_cnn", "tf2_impl.run_cnn_keras", "tf1_compat.run_nn"])
@@ -130,12 +100,8 @@ def test_a_signal_while_saving_waits_for_the_write_to_end():
 # -- non-finite losses ---------------------------------------------------------------------------
 @pytest.mark.parametrize("module", RUNNERS)
 def test_nan_from_huge_learning_rate_exits_3(module, tmp_path, capsys):
-    code = call(module, [*_small(module), "--epochs", "2", "--lr", "1e9", "--device", "cpu",
-                          "--out", str(tmp_path / "run")])
-    assert code == 3
-    err = capsys.readouterr().err
-    assert "loss became" in err and "Lower the learning rate" in err and "Traceback" not in err
-    assert not (tmp_path / "run" / "weights.safetensors").exists()
+    expect_nan_stop(capsys, module, [*_small(module), "--epochs", "2", "--lr", "1e9", "--device",
+                                     "cpu"], tmp_path / "run")
 
 
 @pytest.mark.parametrize("module", ["torch_impl.run_cnn", "tf2_impl.run_cnn_keras", "tf1_compat.run_nn"])

@@ -1,6 +1,7 @@
 """One vocabulary: the same role has the same name, in the same file and in the same
 order, in every framework; the README's table of paired files lists those names; every
-entry point's main() has the same sections in the same order.
+paired file's docstring names its twins; every entry point's main() has the same sections
+in the same order.
 
 These read the source files (``ast``), so they fail when a twin renames, drops or
 reorders a function, which is what would make the files stop reading side by side.
@@ -19,9 +20,15 @@ SHARED = {
     "train.py": ["resolve_device", "make_deterministic", "make_batches", "make_loss",
                  "make_optimizer", "train_one_epoch", "predict", "evaluate",
                  "save_checkpoint", "load_checkpoint"],
+    "rnn_models.py": ["build_rnn", "export_weights", "import_weights"],
 }
-ENTRY_POINTS = [f"{package}/{name}.py" for package in PACKAGES for name in ("run_cnn", "run_nn")] \
-    + ["tf2_impl/run_cnn_keras.py", "tf2_impl/run_nn_keras.py"]
+# rnn_models.py defines its model first: a class in torch and in the Keras Subclassing API,
+# a graph-building function in TF1.
+RNN_MODEL = {"torch_impl": "RNNClassifier", "tf2_impl": "RNNClassifier",
+             "tf1_compat": "rnn_classifier"}
+PROGRAMS = ("run_cnn", "run_nn", "run_rnn")
+ENTRY_POINTS = [f"{package}/{name}.py" for package in PACKAGES for name in PROGRAMS] \
+    + [f"tf2_impl/{name}_keras.py" for name in PROGRAMS]
 SECTIONS = ["# Data", "# Model, loss and optimizer", "# Training", "# Test"]
 
 
@@ -29,6 +36,14 @@ def _top_level_names(path):
     tree = ast.parse(path.read_text())
     return [node.name for node in tree.body
             if isinstance(node, (ast.FunctionDef, ast.ClassDef))]
+
+
+def _imported_names(path):
+    """Names a module takes from another (torch's rnn_models.py re-exports models.py's
+    export_weights and import_weights: a state_dict is a state_dict)."""
+    tree = ast.parse(path.read_text())
+    return [alias.asname or alias.name for node in tree.body if isinstance(node, ast.ImportFrom)
+            for alias in node.names]
 
 
 def _in_order(names, wanted):
@@ -39,18 +54,20 @@ def _in_order(names, wanted):
 @pytest.mark.parametrize("file", sorted(SHARED))
 @pytest.mark.parametrize("package", PACKAGES)
 def test_shared_names_defined_in_every_framework_in_the_same_order(package, file):
-    names = _top_level_names(REPO / package / file)
-    missing = [n for n in SHARED[file] if n not in names]
+    path = REPO / package / file
+    names = _top_level_names(path)
+    wanted = ([RNN_MODEL[package]] if file == "rnn_models.py" else []) + SHARED[file]
+    missing = [n for n in wanted if n not in names + _imported_names(path)]
     assert not missing, f"{package}/{file} lacks {missing}"
-    assert _in_order(names, SHARED[file]) == SHARED[file], f"{package}/{file} orders them differently"
+    defined = [n for n in wanted if n in names]
+    assert _in_order(names, wanted) == defined, f"{package}/{file} orders them differently"
 
 
 def test_fast_variants_keep_the_names_they_replace():
     """Every public function or class of a fast.py that shares a name with the plain
     code is a drop-in for it; each fast.py replaces at least one plain name."""
     for package in PACKAGES:
-        plain = set(_top_level_names(REPO / package / "models.py")) \
-            | set(_top_level_names(REPO / package / "train.py"))
+        plain = {name for file in SHARED for name in _top_level_names(REPO / package / file)}
         fast = set(_top_level_names(REPO / package / "fast.py"))
         assert fast & plain, f"{package}/fast.py replaces no plain function by name"
 
@@ -61,6 +78,19 @@ def test_readme_table_lists_the_shared_names():
     for names in SHARED.values():
         for name in names:
             assert f"`{name}`" in table, f"README's paired-files table does not list {name}"
+
+
+@pytest.mark.parametrize("file", [*SHARED, "fast.py", *(f"{name}.py" for name in PROGRAMS)])
+@pytest.mark.parametrize("package", PACKAGES)
+def test_every_paired_file_names_its_twins(package, file):
+    """The docstring names the same file in the other frameworks (a ``_keras`` entry point:
+    its program's)."""
+    files = [file] + [f"{file[:-3]}_keras.py"] * (package == "tf2_impl" and file.startswith("run_"))
+    for name in files:
+        doc = ast.get_docstring(ast.parse((REPO / package / name).read_text())) or ""
+        missing = [f"{other}/{file}" for other in PACKAGES
+                   if other != package and f"{other}/{file}" not in doc]
+        assert not missing, f"{package}/{name}'s docstring does not name {missing}"
 
 
 @pytest.mark.parametrize("entry_point", ENTRY_POINTS)

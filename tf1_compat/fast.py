@@ -18,6 +18,20 @@ against 1,407 and 2,187 against 997 images/s).
 The MLP has no variant: nothing measured faster (``Session.make_callable`` instead
 of ``sess.run``: +3%, within the noise; one intra-op thread: no change), so
 ``run_nn --fast`` builds the plain graph and says so in metrics.json.
+
+The recurrent classifier (``rnn_models.py``) has no variant either, so ``run_rnn --fast``
+builds the plain graph and says so. Measured per LSTM training step under
+``disable_v2_behavior``, batch 64, interleaved, median of 7-9 rounds of 30-40 steps,
+same machine with load 6-7: ``control_flow_v2`` (the scan as one v2 ``While`` op) 0.88x
+on 8 steps of 8 (digits) and 0.95x on 32 steps of 96 (CIFAR rows); the input matmul
+hoisted out of the scan (one (T*N, F) x (F, 4H) product): 0.97x and 1.05x, within the
+noise; the fused ``BlockLSTM`` kernel (gates reordered to i, c, f, o, ``forget_bias=0``,
+no cell clip; the same function, 6e-7 relative on outputs and gradients) 1.3x on digits
+but 0.5x-0.9x on CIFAR rows (oneDNN on and off), and nothing fused for the GRU
+(``GRUBlockCell`` resets h before the recurrent matmul, Keras's ``reset_after=False``,
+which is not torch's GRU). ``BlockLSTMV2``, whose i, f, c, o layout is Keras's, computes
+the same outputs but wrong gradients in TF 2.21: its registered gradient is
+``BlockLSTM``'s, which reads the i, c, f, o layout.
 """
 import contextlib
 

@@ -28,6 +28,11 @@ PAGES = {  # page: (what it shows, its three files)
     "run_nn_keras": ("the MLP entry point (Keras: fit)", "run_nn.py", "run_nn_keras.py", "run_nn.py"),
     "run_cnn": ("the CNN entry point (Keras: GradientTape)", "run_cnn.py", "run_cnn.py", "run_cnn.py"),
     "run_cnn_keras": ("the CNN entry point (Keras: fit)", "run_cnn.py", "run_cnn_keras.py", "run_cnn.py"),
+    "rnn_models": ("the LSTM/GRU classifier and its weights", "rnn_models.py", "rnn_models.py",
+                   "rnn_models.py"),
+    "run_rnn": ("the LSTM/GRU entry point (Keras: GradientTape)", "run_rnn.py", "run_rnn.py", "run_rnn.py"),
+    "run_rnn_keras": ("the LSTM/GRU entry point (Keras: fit)", "run_rnn.py", "run_rnn_keras.py",
+                      "run_rnn.py"),
 }
 # File names in reading order: an index of numbered pages lists them as a file browser does.
 PAGE_FILES = {page: f"{number}-{page}.html" for number, page in enumerate(PAGES, 1)}

@@ -1,0 +1,89 @@
+"""Train the recurrent sequence classifier with a TF1-style graph: ``python -m tf1_compat.run_rnn``.
+
+Twins: ``torch_impl/run_rnn.py``, ``tf2_impl/run_rnn.py`` (GradientTape) and
+``tf2_impl/run_rnn_keras.py`` (``fit``) (same flags, outputs and section order); the image
+sibling is ``tf1_compat/run_cnn.py``. Each image is read as a sequence, one row per time
+step (digits: 8 steps of 8 features, bundled, default; synthetic and cifar10: 32 steps of
+96). ``--cell lstm|gru`` picks the recurrent layer, ``--bidirectional`` reads both ways.
+Keeps the epoch with the best validation loss and evaluates the test split with it.
+``--fast`` changes nothing here: no speed variant measured faster for the TF1 recurrent
+classifier (``tf1_compat/fast.py`` says what was tried), so the plain graph runs and
+metrics.json says so.
+
+Define, then run: the whole computation (model, loss, Adam, Saver) is built into one
+``tf.Graph`` first; the epoch loop only feeds numpy batches to ``sess.run``.
+"""
+import tensorflow as tf
+
+from common.cli import build_parser, parse_args
+from common.datasets import load_dataset
+from common.runner import TrainingRun, run_main
+from common.seed import seed_everything
+from common.weights import load_weights, model_options
+from tf1_compat.rnn_models import build_rnn, export_weights, import_weights
+from tf1_compat.train import (evaluate, load_checkpoint, make_batches, make_deterministic,
+                              make_loss, make_optimizer, make_train_step, resolve_device,
+                              save_checkpoint, session_config, train_one_epoch,
+                              use_tf1_behavior)
+
+MODULE = "tf1_compat.run_rnn"
+IMPLEMENTATION = "tf1_compat"
+FAST_NOTE = "no speed variant measured faster for the TF1 RNN: --fast runs the plain graph"
+
+
+def main(argv=None):
+    parser = build_parser(MODULE, "sequence", f"Train the LSTM/GRU classifier with a TF1-style "
+                                              f"graph ({FAST_NOTE}).")
+    args = parse_args(parser, argv)
+    device = resolve_device(args.device)
+    seed_everything(args.seed)
+    if args.deterministic:
+        make_deterministic()
+
+    # Data: (N, T, F) sequences, batch first; the graph transposes them to the time-major
+    # layout tf.scan steps through.
+    dataset = load_dataset(args.dataset, "sequence", args.data_dir, args.seed, args.download)
+    x_train, x_val, x_test = dataset.x_train, dataset.x_val, dataset.x_test
+    y_train, y_val, y_test = dataset.y_train, dataset.y_val, dataset.y_test  # int64 indices
+
+    # Model, loss and optimizer
+    with tf.Graph().as_default() as graph:
+        tf.compat.v1.set_random_seed(args.seed)  # graph-level seed: the initial weights
+        model = build_rnn(dataset.input_shape[-1], dataset.num_classes, args.cell, args.bidirectional)
+        loss = make_loss(dataset.task, model)
+        train_step = make_train_step(make_optimizer(args.lr), loss)
+        initialize = tf.compat.v1.global_variables_initializer()
+        # Every variable: weights, Adam's slots, the global step.
+        saver = tf.compat.v1.train.Saver(max_to_keep=None)
+    graph.finalize()  # the loop below must not add ops (a classic TF1 slowdown)
+    with tf.compat.v1.Session(graph=graph, config=session_config(device)) as sess:
+        sess.run(initialize)
+        if args.weights:
+            tensors, _ = load_weights(args.weights, dataset.task, dataset.input_shape,
+                                      dataset.num_classes, **model_options(args))
+            import_weights(sess, model, tensors)
+        # No reseed: without dropout nothing in an epoch is random but the batch order.
+        run = TrainingRun(args, IMPLEMENTATION, dataset, device,
+                          save=lambda path: save_checkpoint(path, sess, saver),
+                          load=lambda path: load_checkpoint(path, sess, saver),
+                          details={**model_options(args),
+                                   **({"fast_note": FAST_NOTE} if args.fast else {})})
+
+        # Training
+        for epoch in run.epochs():
+            train_batches = make_batches(x_train, y_train, args.batch_size, args.seed, epoch)
+            train = train_one_epoch(sess, model, train_step, loss, train_batches, dataset.task)
+            val, _ = evaluate(sess, model, loss, make_batches(x_val, y_val, args.batch_size),
+                              dataset.task)
+            run.end_epoch(epoch, train, val)
+        run.load_best()
+
+        # Test
+        test, logits = evaluate(sess, model, loss, make_batches(x_test, y_test, args.batch_size),
+                                dataset.task)
+        run.finish(test, logits, export_weights(sess, model))
+
+
+if __name__ == "__main__":
+    use_tf1_behavior()  # process-wide: only an entry point may, never imported code
+    run_main(main)

@@ -1,0 +1,89 @@
+"""Train the recurrent classifier with ``model.fit``: ``python -m tf2_impl.run_rnn_keras``.
+
+Twins: ``torch_impl/run_rnn.py`` and ``tf1_compat/run_rnn.py`` (same flags, outputs and
+section order); the GradientTape sibling is ``tf2_impl/run_rnn.py``, the image sibling
+``tf2_impl/run_cnn_keras.py``. Each image is read as a sequence, one row per time step
+(digits: 8 steps of 8 features, bundled, default; synthetic and cifar10: 32 steps of 96).
+``--cell lstm|gru`` picks the recurrent layer, ``--bidirectional`` reads both ways. The
+model is built with the Functional API (``keras.Input`` and layers called on tensors);
+``--api`` picks another of ``models.APIS``, ``--loop tape`` runs ``run_rnn`` instead.
+Where torch writes the epoch loop out, Keras runs it inside ``fit``: the per-epoch
+bookkeeping enters as a callback (``train.TrainingRunCallback``). ``--fast`` uses
+``tf2_impl/fast.py``'s feed (1.0-1.3x per digits epoch on 2 shared CPU cores).
+"""
+import math
+
+import keras
+
+from common.cli import build_parser, parse_args
+from common.datasets import load_dataset
+from common.runner import TrainingRun, run_main
+from common.seed import seed_everything
+from common.weights import load_weights, model_options
+from tf2_impl import fast
+from tf2_impl.rnn_models import build_rnn, export_weights, import_weights
+from tf2_impl.train import (TrainingRunCallback, add_keras_arguments, evaluate, load_checkpoint,
+                            make_batches, make_deterministic, make_fit_batches, make_loss,
+                            make_metric, make_optimizer, resolve_device, save_checkpoint)
+
+MODULE = "tf2_impl.run_rnn_keras"
+IMPLEMENTATION = "tf2"
+
+
+def main(argv=None):
+    parser = build_parser(MODULE, "sequence",
+                          "Train the LSTM/GRU classifier with Keras (model.fit).")
+    add_keras_arguments(parser, api="functional", loop="fit", other="run_rnn")
+    args = parse_args(parser, argv)
+    if args.loop == "tape":
+        from tf2_impl import run_rnn
+        return run_rnn.main(argv)
+    device = resolve_device(args.device)  # before any TensorFlow op
+    seed_everything(args.seed)  # also keras.utils.set_random_seed: the initial weights
+    if args.deterministic:
+        make_deterministic()
+
+    # Data: (N, T, F) numpy arrays, batch first, as fit and Keras's recurrent layers take
+    # them (torch's layer needs batch_first=True).
+    dataset = load_dataset(args.dataset, "sequence", args.data_dir, args.seed, args.download)
+    x_train, x_val, x_test = dataset.x_train, dataset.x_val, dataset.x_test
+    y_train, y_val, y_test = dataset.y_train, dataset.y_val, dataset.y_test  # int64 classes
+    fit_batches = fast.make_fit_batches if args.fast else make_fit_batches
+
+    # Model, loss and optimizer: compile names them, fit builds the training step from them.
+    num_features = dataset.input_shape[-1]
+    model = build_rnn(num_features, dataset.num_classes, args.cell, args.bidirectional, args.api)
+    if args.weights:
+        tensors, _ = load_weights(args.weights, dataset.task, dataset.input_shape,
+                                  dataset.num_classes, **model_options(args))
+        import_weights(model, tensors)
+    loss_fn = make_loss(dataset.task)
+    optimizer = make_optimizer(model, args.lr)
+    # jit_compile spelled out: Keras's "auto" turns XLA on whenever a GPU is visible.
+    model.compile(optimizer=optimizer, loss=loss_fn, metrics=[make_metric(dataset.task)],
+                  jit_compile=False)
+    run = TrainingRun(args, IMPLEMENTATION, dataset, device,
+                      save=lambda path: save_checkpoint(path, model, optimizer),
+                      load=lambda path: load_checkpoint(path, model, optimizer),
+                      details={**model_options(args), "api": args.api, "loop": args.loop})
+    run.log.info(f"model {model.name} ({args.api} API, {model.count_params()} parameters)")
+
+    # Training: fit runs the epochs still to train over the shared batches (the feed holds
+    # their order: shuffle=False); the callback calls run.start_epoch and run.end_epoch
+    # where run_rnn's loop does. Keras's progress bar comes first, so the run's summary
+    # line follows its last line.
+    train_batches = fit_batches(x_train, y_train, args.batch_size, args.seed, run.initial_epoch)
+    model.fit(train_batches, epochs=run.final_epoch, initial_epoch=run.initial_epoch,
+              steps_per_epoch=math.ceil(len(x_train) / args.batch_size), shuffle=False,
+              validation_data=(x_val, y_val), validation_batch_size=args.batch_size,
+              callbacks=[keras.callbacks.ProgbarLogger(), TrainingRunCallback(run)])
+    run.load_best()
+
+    # Test
+    test, logits = evaluate(model, make_batches(x_test, y_test, args.batch_size), loss_fn,
+                            dataset.task)
+    run.finish(test, logits, export_weights(model))
+
+
+if __name__ == "__main__":
+    run_main(main)

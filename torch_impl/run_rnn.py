@@ -1,0 +1,75 @@
+"""Train the recurrent sequence classifier in PyTorch: ``python -m torch_impl.run_rnn``.
+
+Twins: ``tf2_impl/run_rnn.py`` (GradientTape), ``tf2_impl/run_rnn_keras.py`` (``fit``)
+and ``tf1_compat/run_rnn.py`` (same flags, outputs and section order); the image
+sibling is ``torch_impl/run_cnn.py``. Each image is read as a sequence, one row per
+time step (digits: 8 steps of 8 features, bundled, default; synthetic and cifar10:
+32 steps of 96). ``--cell lstm|gru`` picks the recurrent layer, ``--bidirectional``
+reads both ways. Keeps the epoch with the best validation loss and evaluates the
+test split with it. ``--fast`` uses ``torch_impl/fast.py``.
+"""
+import torch
+
+from common.cli import build_parser, parse_args
+from common.datasets import load_dataset
+from common.runner import TrainingRun, run_main
+from common.seed import seed_everything
+from common.weights import load_weights, model_options
+from torch_impl import fast
+from torch_impl.rnn_models import build_rnn, export_weights, import_weights
+from torch_impl.train import (evaluate, load_checkpoint, make_batches, make_deterministic,
+                              make_loss, make_optimizer, resolve_device, save_checkpoint,
+                              train_one_epoch)
+
+MODULE = "torch_impl.run_rnn"
+IMPLEMENTATION = "torch"
+
+
+def main(argv=None):
+    args = parse_args(build_parser(MODULE, "sequence", "Train the LSTM/GRU classifier with PyTorch."),
+                      argv)
+    device = resolve_device(args.device)
+    seed_everything(args.seed)
+    if args.deterministic:
+        make_deterministic()
+
+    # Data: (N, T, F) sequences, batch first, as the model's batch_first=True layer takes them.
+    dataset = load_dataset(args.dataset, "sequence", args.data_dir, args.seed, args.download)
+    # The DataLoader moves each batch to the device; --fast moves each split there once.
+    home = device if args.fast else torch.device("cpu")
+    x_train, x_val, x_test = (torch.from_numpy(x).to(home)
+                              for x in (dataset.x_train, dataset.x_val, dataset.x_test))
+    y_train, y_val, y_test = (torch.from_numpy(y).to(home)  # int64 class indices
+                              for y in (dataset.y_train, dataset.y_val, dataset.y_test))
+    batches = fast.make_batches if args.fast else make_batches
+
+    # Model, loss and optimizer
+    num_features = dataset.input_shape[-1]
+    model = build_rnn(num_features, dataset.num_classes, args.cell, args.bidirectional).to(device)
+    if args.weights:
+        tensors, _ = load_weights(args.weights, dataset.task, dataset.input_shape,
+                                  dataset.num_classes, **model_options(args))
+        import_weights(model, tensors)
+    loss_fn = make_loss(dataset.task)
+    optimizer = make_optimizer(model, args.lr)
+    run = TrainingRun(args, IMPLEMENTATION, dataset, str(device),
+                      save=lambda path: save_checkpoint(path, model, optimizer),
+                      load=lambda path: load_checkpoint(path, model, optimizer),
+                      details=model_options(args))
+
+    # Training
+    val_batches = batches(x_val, y_val, args.batch_size)
+    for epoch in run.epochs():
+        train_batches = batches(x_train, y_train, args.batch_size, args.seed, epoch)
+        train = train_one_epoch(model, train_batches, loss_fn, optimizer, dataset.task)
+        val, _ = evaluate(model, val_batches, loss_fn, dataset.task)
+        run.end_epoch(epoch, train, val)
+    run.load_best()
+
+    # Test
+    test, logits = evaluate(model, batches(x_test, y_test, args.batch_size), loss_fn, dataset.task)
+    run.finish(test, logits, export_weights(model))
+
+
+if __name__ == "__main__":
+    run_main(main)
