@@ -9,7 +9,7 @@ import json
 import time
 from pathlib import Path
 
-from common import config
+from common import config, recipes
 from common.datasets import DATASETS
 from common.errors import UserError
 
@@ -68,6 +68,7 @@ def build_parser(module, kind, description):
     parser.add_argument("--fast", action="store_true",
                         help="the measured speed variants of this framework's fast.py (same "
                              "function, proven by the parity tests)")
+    recipes.add_recipe_arguments(parser, positive_int, positive_float)
     if kind == "sequence":
         parser.add_argument("--cell", default="lstm", choices=config.RNN_CELLS,
                             help="the recurrent layer: LSTM or GRU")
@@ -91,6 +92,7 @@ def parse_args(parser, argv=None):
         resume = args.resume
         args = argparse.Namespace(**{**vars(args), **stored})
         args.resume, args.out = resume, resume
+    recipes.check_recipe_arguments(args)
     if args.eval_only and not args.weights:
         raise UserError("--eval-only needs --weights PATH (a weights.safetensors file to evaluate)")
     if args.out is None:

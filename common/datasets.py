@@ -175,9 +175,11 @@ def load_cifar10(data_dir, seed, download=False):
                             f"--download to fetch it (170 MB), or use --dataset digits")
         cifar10.download(data_dir)
     x_train, y_train, x_test, y_test = cifar10.load(data_dir)
-    return _finish_official_test("cifar10", x_train, y_train, x_test, y_test, seed,
-                                 min(CIFAR_VAL_SIZE, len(x_train) // 10), f"CIFAR-10 from {data_dir}",
-                                 cifar10.CLASS_NAMES)
+    dataset = _finish_official_test("cifar10", x_train, y_train, x_test, y_test, seed,
+                                    min(CIFAR_VAL_SIZE, len(x_train) // 10),
+                                    f"CIFAR-10 from {data_dir}", cifar10.CLASS_NAMES)
+    dataset.extra["mirror"] = True  # a mirrored photograph shows the same class (--augment)
+    return dataset
 
 
 def load_friedman(seed):

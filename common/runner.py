@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common import cli
+from common import cli, recipes
 from common.errors import Interrupted, NonFiniteLossError, UserError
 from common.frameworks import tf32_in_use
 from common.outputs import (atomic_write_text, plot_curves, predictions_csv, setup_logger,
@@ -117,9 +117,10 @@ class TrainingRun:
     """One run's output directory, history, checkpoints and resumable state."""
 
     def __init__(self, args, implementation, dataset, device, save, load, reseed=None,
-                 details=None):
+                 details=None, lr=None):
         self.args, self.implementation, self.dataset, self.device = args, implementation, dataset, device
         self.save, self.load, self.reseed = save, load, reseed
+        self.lr = lr  # () -> the optimizer's learning rate now, recorded at each epoch's start
         self.details = details or {}
         self.out = Path(args.out)
         (self.out / CHECKPOINTS).mkdir(parents=True, exist_ok=True)
@@ -176,21 +177,37 @@ class TrainingRun:
 
     @property
     def final_epoch(self):
-        """The epoch training ends after (Keras's ``epochs``); no training with --eval-only."""
-        return self.initial_epoch if self.args.eval_only else self.args.epochs
+        """The epoch training ends after (Keras's ``epochs``); no training with --eval-only or
+        once --early-stop has ended the run."""
+        stopped = self.args.eval_only or self.should_stop  # --early-stop ended it already
+        return self.initial_epoch if stopped else self.args.epochs
 
     def epochs(self):
-        """The epochs still to train (1-based), each started with ``start_epoch``."""
+        """The epochs still to train (1-based), each started with ``start_epoch``; fewer when
+        ``--early-stop`` ends the run."""
         for epoch in range(self.initial_epoch + 1, self.final_epoch + 1):
+            if self.should_stop:
+                break
             self.start_epoch(epoch)
             yield epoch
         self.epoch = None
+
+    @property
+    def should_stop(self):
+        """True once --early-stop's patience has run out (Keras's ``fit`` callback reads it)."""
+        return bool(self.history) and recipes.early_stop_due(self.args, self.initial_epoch,
+                                                             self.best_epoch)
+
+    def val_losses(self):
+        """The validation losses so far: the plateau rule's input, kept across --resume."""
+        return [entry["val_loss"] for entry in self.history]
 
     def start_epoch(self, epoch):
         """Re-seed the framework's dropout for this epoch and start its clock."""
         self.epoch = epoch
         if self.reseed is not None:
             self.reseed(epoch_seed(self.args.seed, epoch))
+        self._epoch_lr = recipes.recorded_lr(self.lr()) if self.lr is not None else None
         self._epoch_start = time.perf_counter()
 
     def end_epoch(self, epoch, train, val):
@@ -205,7 +222,8 @@ class TrainingRun:
                     f"the {split} loss became {values['loss']} in epoch {epoch}; training stopped. "
                     f"Lower the learning rate (--lr {self.args.lr:g} now). The best checkpoint so "
                     f"far (epoch {self.best_epoch}) is kept in {self.out / CHECKPOINTS}")
-        self.history.append({"epoch": epoch, "seconds": seconds,
+        lr = {} if self._epoch_lr is None else {"lr": self._epoch_lr}
+        self.history.append({"epoch": epoch, "seconds": seconds, **lr,
                              **{f"train_{k}": v for k, v in train.items()},
                              **{f"val_{k}": v for k, v in val.items()}})
         self.epoch_seconds.append(seconds)
@@ -214,10 +232,15 @@ class TrainingRun:
             self.best_val_loss, self.best_epoch = val["loss"], epoch
         self.log.info(f"epoch {epoch}/{self.args.epochs}: train loss {train['loss']:.4f} "
                       f"{self.metric} {train[self.metric]:.4f} | val loss {val['loss']:.4f} "
-                      f"{self.metric} {val[self.metric]:.4f} | {seconds:.1f}s"
-                      + (" | best" if is_best else ""))
+                      f"{self.metric} {val[self.metric]:.4f} | "
+                      + ("" if self._epoch_lr is None else f"lr {self._epoch_lr:.3g} | ")
+                      + f"{seconds:.1f}s" + (" | best" if is_best else ""))
         with self.stop.deferred():
             self._checkpoint(epoch, is_best)
+        if self.should_stop and epoch < self.args.epochs:
+            self.log.info(f"early stop after epoch {epoch}: no better validation loss for "
+                          f"{epoch - self.best_epoch} epochs (--early-stop "
+                          f"{self.args.early_stop}); the best epoch is {self.best_epoch}")
         return is_best
 
     def _checkpoint(self, epoch, is_best):

@@ -39,6 +39,7 @@ import tensorflow as tf
 
 from common import config
 from tf1_compat import models
+from tf1_compat.recipes import in_float32
 
 
 @contextlib.contextmanager
@@ -66,6 +67,7 @@ def control_flow_v2():
             tf.compat.v1.disable_control_flow_v2()
 
 
+@in_float32
 def batch_norm(x, training, name):
     """``models.batch_norm`` with the fused kernel, ``tf.compat.v1.nn.fused_batch_norm``.
 
@@ -111,8 +113,8 @@ def conv_block(x, filters, training, index):
     return tf.nn.relu(x)
 
 
-def build_cnn(input_shape, num_classes):
+def build_cnn(input_shape, num_classes, dtype=tf.float32):
     """``models.build_cnn`` with the fast ``conv_block``, its conds built as control-flow v2."""
     with control_flow_v2():
-        return models.build_cnn(input_shape, num_classes, block=conv_block)
+        return models.build_cnn(input_shape, num_classes, block=conv_block, dtype=dtype)
 

@@ -9,7 +9,9 @@ until a ``tf.compat.v1.Session`` runs it; the loss and the optimizer are added
 afterwards (``train.make_loss``, ``train.make_train_step``).
 
 Call the builders inside ``with tf.Graph().as_default():``; they work with and
-without ``tf.compat.v1.disable_v2_behavior()``.
+without ``tf.compat.v1.disable_v2_behavior()``. ``dtype=tf.bfloat16`` (or float16) builds the
+``--mixed-precision`` graph: the layers compute in that dtype from float32 variables
+(``recipes.float32_storage``), batch norm and the outputs in float32.
 
 Variables come from ``tf.compat.v1.get_variable`` under one variable scope per
 layer, named so that they map one to one onto torch's ``state_dict``:
@@ -36,6 +38,7 @@ import tensorflow as tf
 
 from common import config, shared_layers
 from common.converters.core import bn_momentum_torch_to_keras
+from tf1_compat.recipes import float32_variables, in_float32
 
 GraphModel = namedtuple("GraphModel", [
     "inputs",       # placeholder: (N, features) or (N, H, W, C) float32
@@ -54,11 +57,14 @@ KERNEL_INIT = tf.compat.v1.glorot_uniform_initializer
 
 # -- layers --------------------------------------------------------------------------------
 def dense(x, units, name):
-    """x (N, in) -> (N, units) = x @ kernel + bias, kernel (in, out) (torch stores (out, in))."""
+    """x (N, in) -> (N, units) = x @ kernel + bias, kernel (in, out) (torch stores (out, in)).
+
+    The variables are asked for in x's dtype, as every layer here: float32, or bfloat16
+    read from float32 storage under mixed precision (``recipes.float32_storage``)."""
     with tf.compat.v1.variable_scope(name):
-        kernel = tf.compat.v1.get_variable("kernel", [x.shape[-1], units], tf.float32,
+        kernel = tf.compat.v1.get_variable("kernel", [x.shape[-1], units], x.dtype,
                                            initializer=KERNEL_INIT())
-        bias = tf.compat.v1.get_variable("bias", [units], tf.float32,
+        bias = tf.compat.v1.get_variable("bias", [units], x.dtype,
                                          initializer=tf.compat.v1.zeros_initializer())
         return tf.nn.bias_add(tf.matmul(x, kernel), bias)
 
@@ -71,7 +77,7 @@ def conv2d(x, filters, name):
     """
     with tf.compat.v1.variable_scope(name):
         kernel = tf.compat.v1.get_variable(
-            "kernel", [config.CNN_KERNEL, config.CNN_KERNEL, x.shape[-1], filters], tf.float32,
+            "kernel", [config.CNN_KERNEL, config.CNN_KERNEL, x.shape[-1], filters], x.dtype,
             initializer=KERNEL_INIT())
         # "SAME" pads (k-1)/2 = 1 on every side for stride 1 and an odd kernel: symmetric,
         # so it equals torch's padding=1. (With stride 2 or an even kernel TF puts the
@@ -102,6 +108,7 @@ def update_moving_averages(moving_mean, moving_variance, mean, variance):
         tf.compat.v1.add_to_collection(tf.compat.v1.GraphKeys.UPDATE_OPS, update)
 
 
+@in_float32
 def batch_norm(x, training, name):
     """x (N, H, W, C) -> (N, H, W, C); batch statistics when `training`, else the moving ones.
 
@@ -184,45 +191,49 @@ def _variables_since(count):
 
 
 # -- models --------------------------------------------------------------------------------
-def build_mlp(num_features):
+def build_mlp(num_features, dtype=tf.float32):
     """MLP regression graph: inputs (N, num_features) -> predictions (N, 1).
 
-    fc1 (num_features -> 100), ReLU, fc2 (100 -> 100), ReLU, fc3 (100 -> 1).
+    fc1 (num_features -> 100), ReLU, fc2 (100 -> 100), ReLU, fc3 (100 -> 1), computed in
+    `dtype`; the predictions are float32 (the loss is).
     """
     existing, training = _start_model()
     inputs = tf.compat.v1.placeholder(tf.float32, [None, num_features], name="inputs")
     targets = tf.compat.v1.placeholder(tf.float32, [None, 1], name="targets")
-    x = inputs
-    for i, units in enumerate(config.MLP_HIDDEN, start=1):
-        x = tf.nn.relu(dense(x, units, f"fc{i}"))
-    predictions = dense(x, 1, f"fc{len(config.MLP_HIDDEN) + 1}")
+    with float32_variables():
+        x = tf.cast(inputs, dtype)
+        for i, units in enumerate(config.MLP_HIDDEN, start=1):
+            x = tf.nn.relu(dense(x, units, f"fc{i}"))
+        predictions = tf.cast(dense(x, 1, f"fc{len(config.MLP_HIDDEN) + 1}"), tf.float32)
     return GraphModel(inputs=inputs, targets=targets, training=training, outputs=predictions,
                       variables=_variables_since(existing), flatten_chw=None)
 
 
-def build_cnn(input_shape, num_classes, block=conv_block):
+def build_cnn(input_shape, num_classes, block=conv_block, dtype=tf.float32):
     """CNN classification graph: inputs (N, H, W, C) NHWC -> logits (N, num_classes).
 
     Three blocks (`block`: conv 3x3 "SAME" -> batch norm -> ReLU -> 2x2 max pool)
     ((N, H, W, C) -> (N, H/2, W/2, 32) -> (N, H/4, W/4, 32) -> (N, H/8, W/8, 32)),
     flatten in (H, W, C) order, fc1 (-> 100), ReLU, dropout(0.5), fc2 (-> 100),
-    ReLU, fc3 (-> num_classes).
+    ReLU, fc3 (-> num_classes), computed in `dtype`; the logits are float32 (the softmax
+    of the loss needs its range).
     """
     shape = config.CNNShape(tuple(input_shape), num_classes)
     existing, training = _start_model()
     inputs = tf.compat.v1.placeholder(tf.float32, [None, *input_shape], name="inputs")
     targets = tf.compat.v1.placeholder(tf.int64, [None], name="targets")
-    x = inputs
-    for i, filters in enumerate(config.CNN_FILTERS, start=1):
-        x = block(x, filters, training, i)
-    with tf.name_scope("flatten"):
-        # NHWC flattens in (H, W, C) order, torch's NCHW in (C, H, W): fc1's kernel rows
-        # are permuted on export/import (the Linear converter's flatten_chw), not here.
-        x = tf.reshape(x, [-1, shape.flatten_features])
-    x = tf.nn.relu(dense(x, config.CNN_FC[0], "fc1"))
-    x = dropout(x, config.DROPOUT, training)
-    x = tf.nn.relu(dense(x, config.CNN_FC[1], "fc2"))
-    logits = dense(x, num_classes, "fc3")
+    with float32_variables():
+        x = tf.cast(inputs, dtype)
+        for i, filters in enumerate(config.CNN_FILTERS, start=1):
+            x = block(x, filters, training, i)
+        with tf.name_scope("flatten"):
+            # NHWC flattens in (H, W, C) order, torch's NCHW in (C, H, W): fc1's kernel rows
+            # are permuted on export/import (the Linear converter's flatten_chw), not here.
+            x = tf.reshape(x, [-1, shape.flatten_features])
+        x = tf.nn.relu(dense(x, config.CNN_FC[0], "fc1"))
+        x = dropout(x, config.DROPOUT, training)
+        x = tf.nn.relu(dense(x, config.CNN_FC[1], "fc2"))
+        logits = tf.cast(dense(x, num_classes, "fc3"), tf.float32)
     return GraphModel(inputs=inputs, targets=targets, training=training, outputs=logits,
                       variables=_variables_since(existing), flatten_chw=shape.flatten_chw)
 

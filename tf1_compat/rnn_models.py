@@ -43,6 +43,7 @@ from common.converters import lookup
 from common.converters.recurrent import DIRECTIONS, join_rnn_state_dict, split_rnn_state_dict
 from tf1_compat.layers import recurrent
 from tf1_compat.models import _start_model, _variables_since, dense
+from tf1_compat.recipes import float32_variables
 
 tf1 = tf.compat.v1
 
@@ -86,13 +87,16 @@ def rnn_classifier(inputs, num_classes, cell="lstm", bidirectional=False):
     return dense(h, num_classes, "fc")  # logits: the loss applies the softmax itself
 
 
-def build_rnn(num_features, num_classes, cell="lstm", bidirectional=False):
+def build_rnn(num_features, num_classes, cell="lstm", bidirectional=False, dtype=tf.float32):
     """Recurrent classification graph: inputs (N, T, num_features) -> logits (N, num_classes)
-    (``rnn_classifier``), with its placeholders and variables."""
+    (``rnn_classifier``), with its placeholders and variables. `dtype`: the dtype the cells
+    compute in (--mixed-precision: bfloat16 from float32 variables); the logits are float32."""
     existing, training = _start_model()
     inputs = tf1.placeholder(tf.float32, [None, None, num_features], name="inputs")
     targets = tf1.placeholder(tf.int64, [None], name="targets")
-    logits = rnn_classifier(inputs, num_classes, cell, bidirectional)
+    with float32_variables():  # the cells ask get_variable for their input's dtype
+        logits = tf.cast(rnn_classifier(tf.cast(inputs, dtype), num_classes, cell, bidirectional),
+                         tf.float32)
     return RNNGraphModel(inputs=inputs, targets=targets, training=training, outputs=logits,
                          variables=_variables_since(existing), cell=cell,
                          bidirectional=bidirectional)

@@ -9,15 +9,19 @@ graph of ``tf1_compat/fast.py`` (fused batch norm, pool before ReLU, control-flo
 Define, then run: the whole computation (model, loss, Adam, Saver) is built into
 one ``tf.Graph`` first; the epoch loop only feeds numpy batches to ``sess.run``.
 """
+import math
+
 import tensorflow as tf
 
 from common.cli import build_parser, parse_args
 from common.datasets import load_dataset
+from common.recipes import check_precision, may_flip
 from common.runner import TrainingRun, run_main
 from common.seed import seed_everything
 from common.weights import load_weights
 from tf1_compat import fast
 from tf1_compat.models import build_cnn, export_weights, import_weights
+from tf1_compat.recipes import COMPUTE_DTYPES, LearningRate
 from tf1_compat.train import (evaluate, load_checkpoint, make_batches, make_deterministic,
                               make_loss, make_optimizer, make_train_step, resolve_device,
                               save_checkpoint, session_config, train_one_epoch,
@@ -31,6 +35,7 @@ def main(argv=None):
     parser = build_parser(MODULE, "image", "Train the CNN classifier with a TF1-style graph.")
     args = parse_args(parser, argv)
     device = resolve_device(args.device)
+    check_precision(args.mixed_precision, device)
     seed_everything(args.seed)
     if args.deterministic:
         make_deterministic()
@@ -45,11 +50,16 @@ def main(argv=None):
     build = fast.build_cnn if args.fast else build_cnn
     with tf.Graph().as_default() as graph:
         tf.compat.v1.set_random_seed(args.seed)  # graph-level seed: initial weights, dropout
-        model = build(dataset.input_shape, dataset.num_classes)
-        loss = make_loss(dataset.task, model)
-        train_step = make_train_step(make_optimizer(args.lr), loss)
+        model = build(dataset.input_shape, dataset.num_classes,
+                      dtype=COMPUTE_DTYPES[args.mixed_precision])
+        loss = make_loss(dataset.task, model, args.label_smoothing)
+        # The rate: a tensor on the global step, or the plateau rule's variable.
+        lr = LearningRate(args, math.ceil(len(x_train) / args.batch_size))
+        optimizer = make_optimizer(lr.tensor, args.weight_decay, args.mixed_precision)
+        train_step = make_train_step(optimizer, loss, clip_grad_norm=args.clip_grad_norm)
         initialize = tf.compat.v1.global_variables_initializer()
-        # Every variable: weights, moving averages, Adam's slots, the global step.
+        # Every variable: weights, moving averages, Adam's slots, the global step (which
+        # the step and cosine schedules read), the plateau rate, the fp16 loss scale.
         saver = tf.compat.v1.train.Saver(max_to_keep=None)
     graph.finalize()  # the loop below must not add ops (a classic TF1 slowdown)
     with tf.compat.v1.Session(graph=graph, config=session_config(device)) as sess:
@@ -62,11 +72,13 @@ def main(argv=None):
         # checkpoint holds (models.dropout).
         run = TrainingRun(args, IMPLEMENTATION, dataset, device,
                           save=lambda path: save_checkpoint(path, sess, saver),
-                          load=lambda path: load_checkpoint(path, sess, saver))
+                          load=lambda path: load_checkpoint(path, sess, saver),
+                          lr=lambda: lr.start_epoch(sess, run.val_losses()))
 
         # Training
         for epoch in run.epochs():
-            train_batches = make_batches(x_train, y_train, args.batch_size, args.seed, epoch)
+            train_batches = make_batches(x_train, y_train, args.batch_size, args.seed, epoch,
+                                         args.augment, may_flip(dataset))
             train = train_one_epoch(sess, model, train_step, loss, train_batches, dataset.task)
             val, _ = evaluate(sess, model, loss, make_batches(x_val, y_val, args.batch_size),
                               dataset.task)

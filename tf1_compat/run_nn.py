@@ -10,14 +10,18 @@ Keeps the epoch with the best validation loss and evaluates the test split with 
 Define, then run: the whole computation (model, loss, Adam, Saver) is built into
 one ``tf.Graph`` first; the epoch loop only feeds numpy batches to ``sess.run``.
 """
+import math
+
 import tensorflow as tf
 
 from common.cli import build_parser, parse_args
 from common.datasets import load_dataset
+from common.recipes import check_precision
 from common.runner import TrainingRun, run_main
 from common.seed import seed_everything
 from common.weights import load_weights
 from tf1_compat.models import build_mlp, export_weights, import_weights
+from tf1_compat.recipes import COMPUTE_DTYPES, LearningRate
 from tf1_compat.train import (evaluate, load_checkpoint, make_batches, make_deterministic,
                               make_loss, make_optimizer, make_train_step, resolve_device,
                               save_checkpoint, session_config, train_one_epoch,
@@ -33,6 +37,7 @@ def main(argv=None):
                                              f"({FAST_NOTE}).")
     args = parse_args(parser, argv)
     device = resolve_device(args.device)
+    check_precision(args.mixed_precision, device)
     seed_everything(args.seed)
     if args.deterministic:
         make_deterministic()
@@ -47,11 +52,15 @@ def main(argv=None):
     # Model, loss and optimizer
     with tf.Graph().as_default() as graph:
         tf.compat.v1.set_random_seed(args.seed)  # graph-level seed: the initial weights
-        model = build_mlp(dataset.input_shape[-1])
-        loss = make_loss(dataset.task, model)
-        train_step = make_train_step(make_optimizer(args.lr), loss)
+        model = build_mlp(dataset.input_shape[-1], COMPUTE_DTYPES[args.mixed_precision])
+        loss = make_loss(dataset.task, model, args.label_smoothing)
+        # The rate: a tensor on the global step, or the plateau rule's variable.
+        lr = LearningRate(args, math.ceil(len(x_train) / args.batch_size))
+        optimizer = make_optimizer(lr.tensor, args.weight_decay, args.mixed_precision)
+        train_step = make_train_step(optimizer, loss, clip_grad_norm=args.clip_grad_norm)
         initialize = tf.compat.v1.global_variables_initializer()
-        # Every variable: weights, Adam's slots, the global step.
+        # Every variable: weights, Adam's slots, the global step (which the step and cosine
+        # schedules read), the plateau rate, the fp16 loss scale.
         saver = tf.compat.v1.train.Saver(max_to_keep=None)
     graph.finalize()  # the loop below must not add ops (a classic TF1 slowdown)
     with tf.compat.v1.Session(graph=graph, config=session_config(device)) as sess:
@@ -63,6 +72,7 @@ def main(argv=None):
         run = TrainingRun(args, IMPLEMENTATION, dataset, device,
                           save=lambda path: save_checkpoint(path, sess, saver),
                           load=lambda path: load_checkpoint(path, sess, saver),
+                          lr=lambda: lr.start_epoch(sess, run.val_losses()),
                           details={"fast_note": FAST_NOTE} if args.fast else None)
 
         # Training

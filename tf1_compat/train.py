@@ -8,7 +8,8 @@ starts); one training step is ``sess.run(train_step, feed_dict=...)`` with numpy
 batches fed into placeholders; the ``training`` placeholder does what
 ``model.train()`` / ``model.eval()`` do in torch; batch norm's moving averages move
 only because the train step depends on the ``UPDATE_OPS`` collection. The speed
-variants of ``--fast`` are in ``tf1_compat/fast.py``.
+variants of ``--fast`` are in ``tf1_compat/fast.py``, the training recipes' schedules, AdamW
+and mixed precision in ``tf1_compat/recipes.py``.
 """
 import numpy as np
 import tensorflow as tf
@@ -18,7 +19,9 @@ from common import config
 from common.datasets import batch_indices
 from common.errors import UserError, WeightsError
 from common.outputs import classification_metrics, regression_metrics
+from common.recipes import augment_batch
 from common.seed import set_deterministic_environment
+from tf1_compat.recipes import AdamWOptimizer, clip_gradients, scale_loss
 
 
 def resolve_device(name):
@@ -67,14 +70,18 @@ def use_tf1_behavior():
 
 
 # -- feeding -------------------------------------------------------------------------------
-def make_batches(x, y, batch_size, seed=None, epoch=1):
+def make_batches(x, y, batch_size, seed=None, epoch=1, augment=False, flip=False):
     """Numpy (x, y) mini-batches in the batch order every framework shares, for feed_dict.
 
     The order is ``common.datasets.batch_indices(seed, epoch)``; with ``seed=None``
     the batches are in order (validation, test). A generator: one pass each.
+    `augment` (training batches, --augment): each batch's images shifted (and mirrored
+    when `flip`) by ``common.recipes.augment_batch``, keyed on (seed, epoch, batch index),
+    the batches the other frameworks see.
     """
-    for index in batch_indices(len(x), batch_size, seed, epoch, shuffle=seed is not None):
-        yield x[index], y[index]
+    batches = batch_indices(len(x), batch_size, seed, epoch, shuffle=seed is not None)
+    for i, index in enumerate(batches):
+        yield (augment_batch(x[index], seed, epoch, i, flip) if augment else x[index]), y[index]
 
 
 def _shape_text(shape):
@@ -107,14 +114,21 @@ def feed(model, inputs, targets=None, training=False):
 
 
 # -- loss and optimizer --------------------------------------------------------------------
-def make_loss(task, model):
+def make_loss(task, model, label_smoothing=None):
     """The mean loss of a batch as a scalar tensor: sparse softmax cross-entropy on the
     logits and int64 class indices, or mean squared error on (N, 1) predictions.
 
     ``labels=`` and ``logits=`` are keywords: the TF1 functions once took them
-    positionally in the other order.
+    positionally in the other order. `label_smoothing` (--label-smoothing EPS): the
+    cross-entropy against (1 - EPS) * one-hot + EPS / classes, in training and evaluation
+    alike; the sparse op has no smoothing, so the targets become one-hot here (torch's
+    ``cross_entropy`` takes EPS with class indices).
     """
     with tf.name_scope("loss"):
+        if task == "classification" and label_smoothing is not None:
+            return tf.compat.v1.losses.softmax_cross_entropy(
+                onehot_labels=tf.one_hot(model.targets, model.outputs.shape[-1]),
+                logits=model.outputs, label_smoothing=label_smoothing)
         if task == "classification":
             return tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(
                 labels=model.targets, logits=model.outputs))
@@ -122,19 +136,25 @@ def make_loss(task, model):
                                                       predictions=model.outputs)
 
 
-def make_optimizer(lr):
+def make_optimizer(lr, weight_decay=None, precision="off"):
     """Adam with the shared constants (TF1's eps default is 1e-8 like torch's; passed anyway).
 
     TF1's AdamOptimizer puts eps outside the bias correction (``lr_t =
     lr*sqrt(1-b2^t)/(1-b1^t)``, step ``lr_t*m/(sqrt(v)+eps)``) where torch divides by
     ``sqrt(v/(1-b2^t))+eps``: with eps 1e-8 the two differ only while sqrt(v) ~ eps.
+    `lr`: a float or the schedule's tensor (``recipes.LearningRate``). `weight_decay`
+    (--weight-decay): decoupled, ``recipes.AdamWOptimizer``. `precision` "fp16": wrapped
+    for loss scaling (``recipes.scale_loss``).
     """
-    return tf.compat.v1.train.AdamOptimizer(lr, beta1=config.ADAM_BETA1, beta2=config.ADAM_BETA2,
-                                            epsilon=config.ADAM_EPS)
+    constants = {"beta1": config.ADAM_BETA1, "beta2": config.ADAM_BETA2, "epsilon": config.ADAM_EPS}
+    optimizer = (tf.compat.v1.train.AdamOptimizer(lr, **constants) if weight_decay is None
+                 else AdamWOptimizer(weight_decay, lr, **constants))
+    return scale_loss(optimizer, precision)
 
 
-def make_train_step(optimizer, loss, with_update_ops=True):
-    """One op that a Session runs once per batch: gradients, Adam, global step + 1.
+def make_train_step(optimizer, loss, with_update_ops=True, clip_grad_norm=None):
+    """One op that a Session runs once per batch: gradients (their global norm clipped to
+    `clip_grad_norm`, --clip-grad-norm), Adam, global step + 1 (``minimize`` in two parts).
 
     Batch norm's moving-average updates are assign ops in ``UPDATE_OPS`` that no
     part of the loss depends on, so a Session would never run them: the classic
@@ -144,8 +164,10 @@ def make_train_step(optimizer, loss, with_update_ops=True):
     """
     update_ops = tf.compat.v1.get_collection(tf.compat.v1.GraphKeys.UPDATE_OPS)
     with tf.control_dependencies(update_ops if with_update_ops else []):
-        return optimizer.minimize(loss, global_step=tf.compat.v1.train.get_or_create_global_step(),
-                                  name="train_step")
+        grads_and_vars = clip_gradients(optimizer.compute_gradients(loss), clip_grad_norm)
+        return optimizer.apply_gradients(
+            grads_and_vars, global_step=tf.compat.v1.train.get_or_create_global_step(),
+            name="train_step")
 
 
 # -- one epoch, prediction and evaluation --------------------------------------------------

@@ -26,6 +26,7 @@ from keras import layers
 from tqdm import tqdm
 
 from common.datasets import batch_indices
+from common.recipes import augment_batch
 from tf2_impl import models, train
 
 
@@ -50,7 +51,8 @@ class FusedBatchNormalization(layers.BatchNormalization):
             return super().call(inputs, training=training, mask=mask)
         y, mean, unbiased = tf.compat.v1.nn.fused_batch_norm(
             inputs, self.gamma, self.beta, epsilon=self.epsilon, is_training=True)
-        n = tf.cast(tf.size(inputs) // tf.shape(inputs)[-1], inputs.dtype)
+        # float32 like the statistics the kernel returns, also for bf16/fp16 inputs
+        n = tf.cast(tf.size(inputs) // tf.shape(inputs)[-1], unbiased.dtype)
         variance = unbiased * ((n - 1.0) / n)
         self.moving_mean.assign(self.moving_mean * self.momentum + mean * (1.0 - self.momentum))
         self.moving_variance.assign(
@@ -85,33 +87,40 @@ def _as_tensor(array):
 
 
 class TensorBatches:
-    """(x, y) batches gathered from whole-split tensors, one ``tf.gather`` per batch."""
+    """(x, y) batches gathered from whole-split tensors, one ``tf.gather`` per batch;
+    `augment(batch number, images)` (numpy) replaces the gather of x when given."""
 
-    def __init__(self, x, y, index_batches):
+    def __init__(self, x, y, index_batches, augment=None):
         self.x, self.y, self.index_batches = _as_tensor(x), _as_tensor(y), index_batches
+        self.images, self.augment = x, augment
 
     def __len__(self):
         return len(self.index_batches)
 
     def __iter__(self):
-        for index in self.index_batches:
-            yield tf.gather(self.x, index), tf.gather(self.y, index)
+        for b, index in enumerate(self.index_batches):
+            x = tf.gather(self.x, index) if self.augment is None else \
+                tf.constant(self.augment(b, self.images[index]))
+            yield x, tf.gather(self.y, index)
 
 
-def make_batches(x, y, batch_size, seed=None, epoch=1):
+def make_batches(x, y, batch_size, seed=None, epoch=1, augment=False, flip=False):
     """``train.make_batches``: the same batches, gathered from tensors converted once.
 
     Why faster: the plain ``tf.data`` feed copies the shuffled split into a new dataset
     each epoch, slices it sample by sample and costs a millisecond or more per batch to
     iterate in Python; here each split is converted once, and a batch is one eager
     ``tf.gather`` (on the GPU when there is one: torch's fast feed does the same).
-    Gain: 1.1-1.6x on 32x32x3, 1.35-1.7x on 8x8x1.
+    Gain: 1.1-1.6x on 32x32x3, 1.35-1.7x on 8x8x1. --augment's crops are numpy
+    (``common.recipes.augment_batch``): those batches are gathered in numpy.
     """
     shuffle = seed is not None
-    return TensorBatches(x, y, batch_indices(len(x), batch_size, seed, epoch, shuffle=shuffle))
+    index_batches = batch_indices(len(x), batch_size, seed, epoch, shuffle=shuffle)
+    crop = (lambda b, images: augment_batch(images, seed, epoch, b, flip)) if augment else None
+    return TensorBatches(x, y, index_batches, crop)
 
 
-def make_fit_batches(x, y, batch_size, seed, initial_epoch):
+def make_fit_batches(x, y, batch_size, seed, initial_epoch, augment=False, flip=False):
     """``train.make_fit_batches``: the same endless feed for ``model.fit`` as a ``tf.data``
     pipeline. Each epoch's order is drawn by ``batch_indices`` (a ``numpy_function``),
     and its batches are gathered in the pipeline.
@@ -119,20 +128,34 @@ def make_fit_batches(x, y, batch_size, seed, initial_epoch):
     Why faster: the plain ``PyDataset`` runs Python for every batch, through
     ``tf.data.Dataset.from_generator``, holding the interpreter lock the training step's
     Python also needs; here only one call per epoch runs Python. Gain: 1.0-1.4x on
-    32x32x3, 1.2-1.3x on 8x8x1.
+    32x32x3, 1.2-1.3x on 8x8x1. --augment: each batch's crops are one more
+    ``numpy_function`` (``common.recipes.augment_batch``), told its epoch and batch number.
     """
-    n = len(x)
+    n, shape = len(x), x.shape[1:]
 
     def order(epoch):
         return np.concatenate(batch_indices(n, batch_size, seed, int(epoch)))
 
+    def crop(images, epoch, b):
+        return augment_batch(images, seed, int(epoch), int(b), flip)
+
+    def epoch_batches(epoch):
+        index = tf.ensure_shape(tf.numpy_function(order, [epoch], tf.int64), [n])
+        return tf.data.Dataset.zip(tf.data.Dataset.from_tensors(epoch).repeat(),
+                                   tf.data.Dataset.counter(),
+                                   tf.data.Dataset.from_tensor_slices(index).batch(batch_size))
+
+    def gather(epoch, b, index):
+        images = tf.gather(x, index)
+        if augment:
+            images = tf.ensure_shape(tf.numpy_function(crop, [images, epoch, b], images.dtype),
+                                     [None, *shape])
+        return images, tf.gather(y, index)
+
     with tf.device("/CPU:0"):  # tf.data runs on the host; fit copies each batch to the GPU
         x, y = tf.constant(x), tf.constant(y)
-    return (tf.data.Dataset.counter(initial_epoch + 1)
-            .map(lambda epoch: tf.ensure_shape(tf.numpy_function(order, [epoch], tf.int64), [n]))
-            .flat_map(lambda order: tf.data.Dataset.from_tensor_slices(order).batch(batch_size))
-            .map(lambda index: (tf.gather(x, index), tf.gather(y, index)))
-            .prefetch(tf.data.AUTOTUNE))
+    return (tf.data.Dataset.counter(initial_epoch + 1).flat_map(epoch_batches)
+            .map(gather).prefetch(tf.data.AUTOTUNE))
 
 
 _STEPS = weakref.WeakKeyDictionary()  # train_step -> (step with metric updates, its metrics)

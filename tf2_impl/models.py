@@ -51,6 +51,15 @@ KERAS_BN_MOMENTUM = bn_momentum_torch_to_keras(config.BN_MOMENTUM)
 # padding="same" (stride 1, odd kernel) pads (k-1)/2 on every side: torch's padding=k//2.
 
 
+def output_dtype():
+    """The output layer's dtype (fc3; the RNN's fc): its variables' under the global policy.
+    With --mixed-precision (``tf2_impl/recipes.py``) the other layers compute in bf16/fp16
+    and the output layer in float32, so the logits and the loss get neither bf16's
+    rounding nor fp16's range (torch casts its outputs with ``.float()``); under a
+    float32 or float64 policy it is every layer's dtype anyway."""
+    return keras.mixed_precision.global_policy().variable_dtype
+
+
 # -- MLP regressor --------------------------------------------------------------------------
 class MLPRegressor(keras.Model):
     """features -> fc1 100 -> ReLU -> fc2 100 -> ReLU -> fc3 1 (one prediction per row)."""
@@ -61,7 +70,7 @@ class MLPRegressor(keras.Model):
         # Keras infers each layer's input size at the first call: only output sizes here.
         self.fc1 = layers.Dense(hidden1, activation="relu", name="fc1")
         self.fc2 = layers.Dense(hidden2, activation="relu", name="fc2")
-        self.fc3 = layers.Dense(1, name="fc3")
+        self.fc3 = layers.Dense(1, name="fc3", dtype=output_dtype())
         self(np.zeros((1, num_features), np.float32))  # creates the weights
 
     def call(self, x, training=None):  # no dropout or batch norm: `training` is unused
@@ -76,7 +85,7 @@ def _mlp_sequential(num_features):
         keras.Input(shape=(num_features,)),
         layers.Dense(hidden1, activation="relu", name="fc1"),
         layers.Dense(hidden2, activation="relu", name="fc2"),
-        layers.Dense(1, name="fc3"),
+        layers.Dense(1, name="fc3", dtype=output_dtype()),
     ], name="mlp_sequential")
 
 
@@ -85,7 +94,7 @@ def _mlp_functional(num_features):
     inputs = keras.Input(shape=(num_features,), name="features")
     x = layers.Dense(hidden1, activation="relu", name="fc1")(inputs)
     x = layers.Dense(hidden2, activation="relu", name="fc2")(x)
-    outputs = layers.Dense(1, name="fc3")(x)
+    outputs = layers.Dense(1, name="fc3", dtype=output_dtype())(x)
     return keras.Model(inputs, outputs, name="mlp_functional")
 
 
@@ -119,7 +128,7 @@ class CNNClassifier(keras.Model):
         self.fc1 = layers.Dense(fc1, activation="relu", name="fc1")
         self.dropout = layers.Dropout(config.DROPOUT, name="dropout")
         self.fc2 = layers.Dense(fc2, activation="relu", name="fc2")
-        self.fc3 = layers.Dense(num_classes, name="fc3")
+        self.fc3 = layers.Dense(num_classes, name="fc3", dtype=output_dtype())
         self(np.zeros((1, *self.image_shape), np.float32))  # creates the weights
 
     def call(self, x, training=None):  # x: (N, H, W, C)
@@ -154,7 +163,7 @@ def _cnn_sequential(input_shape, num_classes):
         layers.Dense(fc1, activation="relu", name="fc1"),
         layers.Dropout(config.DROPOUT, name="dropout"),
         layers.Dense(fc2, activation="relu", name="fc2"),
-        layers.Dense(num_classes, name="fc3"),
+        layers.Dense(num_classes, name="fc3", dtype=output_dtype()),
     ], name="cnn_sequential")
 
 
@@ -179,7 +188,7 @@ def _cnn_functional(input_shape, num_classes):
     x = layers.Dense(fc1, activation="relu", name="fc1")(x)
     x = layers.Dropout(config.DROPOUT, name="dropout")(x)
     x = layers.Dense(fc2, activation="relu", name="fc2")(x)
-    outputs = layers.Dense(num_classes, name="fc3")(x)  # logits
+    outputs = layers.Dense(num_classes, name="fc3", dtype=output_dtype())(x)  # logits
     return keras.Model(inputs, outputs, name="cnn_functional")
 
 

@@ -30,6 +30,7 @@ from common.converters import ConversionError, lookup
 from common.converters.base import expect_shape
 from common.converters.recurrent import join_rnn_state_dict, split_rnn_state_dict
 from common.errors import WeightsError
+from tf2_impl.models import output_dtype  # float32 logits under mixed precision
 
 __all__ = ["RNNClassifier", "build_rnn", "export_weights", "import_weights"]
 
@@ -67,7 +68,7 @@ class RNNClassifier(keras.Model):
     def __init__(self, num_features, num_classes, cell="lstm", bidirectional=False, **kwargs):
         super().__init__(name="rnn_classifier", **kwargs)
         self.rnn = _rnn(cell, bidirectional)
-        self.fc = layers.Dense(num_classes, name="fc")
+        self.fc = layers.Dense(num_classes, name="fc", dtype=output_dtype())
         self(np.zeros((1, 1, num_features), np.float32))  # creates the weights (any length T)
 
     def call(self, x, training=None):  # x: (N, T, F); no dropout: `training` is unused
@@ -79,14 +80,14 @@ def _rnn_sequential(num_features, num_classes, cell, bidirectional):
     return keras.Sequential([
         keras.Input(shape=(None, num_features)),  # any number of time steps
         _rnn(cell, bidirectional),
-        layers.Dense(num_classes, name="fc"),
+        layers.Dense(num_classes, name="fc", dtype=output_dtype()),
     ], name="rnn_sequential")
 
 
 def _rnn_functional(num_features, num_classes, cell, bidirectional):
     inputs = keras.Input(shape=(None, num_features), name="sequences")
     x = _rnn(cell, bidirectional)(inputs)
-    outputs = layers.Dense(num_classes, name="fc")(x)  # logits
+    outputs = layers.Dense(num_classes, name="fc", dtype=output_dtype())(x)  # logits
     return keras.Model(inputs, outputs, name="rnn_functional")
 
 

@@ -14,11 +14,13 @@ import keras
 
 from common.cli import build_parser, parse_args
 from common.datasets import load_dataset
+from common.recipes import check_precision, may_flip
 from common.runner import TrainingRun, run_main
 from common.seed import seed_everything
 from common.weights import load_weights
 from tf2_impl import fast
 from tf2_impl.models import build_cnn, export_weights, import_weights
+from tf2_impl.recipes import fit_callbacks, learning_rate, precision_policy
 from tf2_impl.train import (TrainingRunCallback, add_keras_arguments, evaluate, load_checkpoint,
                             make_batches, make_deterministic, make_fit_batches, make_loss,
                             make_metric, make_optimizer, reseed_dropout, resolve_device,
@@ -36,6 +38,7 @@ def main(argv=None):
         from tf2_impl import run_cnn
         return run_cnn.main(argv)
     device = resolve_device(args.device)  # before any TensorFlow op
+    check_precision(args.mixed_precision, device)
     seed_everything(args.seed)  # also keras.utils.set_random_seed: initial weights, dropout
     if args.deterministic:
         make_deterministic()
@@ -48,12 +51,15 @@ def main(argv=None):
 
     # Model, loss and optimizer: compile names them, fit builds the training step from them.
     build = fast.build_cnn if args.fast else build_cnn
-    model = build(dataset.input_shape, dataset.num_classes, args.api)
+    with precision_policy(args.mixed_precision):  # the layers take Keras's dtype policy
+        model = build(dataset.input_shape, dataset.num_classes, args.api)
     if args.weights:
         tensors, _ = load_weights(args.weights, dataset.task, dataset.input_shape, dataset.num_classes)
         import_weights(model, tensors)
-    loss_fn = make_loss(dataset.task)
-    optimizer = make_optimizer(model, args.lr)
+    loss_fn = make_loss(dataset.task, args.label_smoothing)
+    steps_per_epoch = math.ceil(len(x_train) / args.batch_size)
+    optimizer = make_optimizer(model, learning_rate(args, steps_per_epoch), args.weight_decay,
+                               args.clip_grad_norm, loss_scale=args.mixed_precision == "fp16")
     # jit_compile spelled out: Keras's "auto" turns XLA on whenever a GPU is visible.
     model.compile(optimizer=optimizer, loss=loss_fn, metrics=[make_metric(dataset.task)],
                   jit_compile=False)
@@ -61,18 +67,21 @@ def main(argv=None):
                       save=lambda path: save_checkpoint(path, model, optimizer),
                       load=lambda path: load_checkpoint(path, model, optimizer),
                       reseed=lambda seed: reseed_dropout(model, seed),
-                      details={"api": args.api, "loop": args.loop})
+                      details={"api": args.api, "loop": args.loop},
+                      lr=lambda: optimizer.learning_rate)  # a schedule's value at this step
     run.log.info(f"model {model.name} ({args.api} API, {model.count_params()} parameters)")
 
     # Training: fit runs the epochs still to train over the shared batches (the feed holds
     # their order: shuffle=False); the callback calls run.start_epoch and run.end_epoch
     # where run_cnn's loop does. Keras's progress bar comes first, so the run's summary
     # line follows its last line.
-    train_batches = fit_batches(x_train, y_train, args.batch_size, args.seed, run.initial_epoch)
+    train_batches = fit_batches(x_train, y_train, args.batch_size, args.seed, run.initial_epoch,
+                                args.augment, may_flip(dataset))
     model.fit(train_batches, epochs=run.final_epoch, initial_epoch=run.initial_epoch,
-              steps_per_epoch=math.ceil(len(x_train) / args.batch_size), shuffle=False,
+              steps_per_epoch=steps_per_epoch, shuffle=False,
               validation_data=(x_val, y_val), validation_batch_size=args.batch_size,
-              callbacks=[keras.callbacks.ProgbarLogger(), TrainingRunCallback(run)])
+              callbacks=[keras.callbacks.ProgbarLogger(), TrainingRunCallback(run),
+                         *fit_callbacks(args, run)])
     run.load_best()
 
     # Test

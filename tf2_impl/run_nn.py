@@ -9,13 +9,17 @@ diabetes (bundled), california (``--download``). Keeps the epoch with the best
 validation loss and evaluates the test split with it. ``--fast`` uses the feed, epoch
 and evaluation of ``tf2_impl/fast.py`` (the MLP has no batch norm to fuse).
 """
+import math
+
 from common.cli import build_parser, parse_args
 from common.datasets import load_dataset
+from common.recipes import check_precision
 from common.runner import TrainingRun, run_main
 from common.seed import seed_everything
 from common.weights import load_weights
 from tf2_impl import fast
 from tf2_impl.models import build_mlp, export_weights, import_weights
+from tf2_impl.recipes import apply_plateau, learning_rate, precision_policy
 from tf2_impl.train import (add_keras_arguments, evaluate, load_checkpoint, make_batches,
                             make_deterministic, make_loss, make_optimizer, make_train_step,
                             resolve_device, save_checkpoint, train_one_epoch)
@@ -32,6 +36,7 @@ def main(argv=None):
         from tf2_impl import run_nn_keras
         return run_nn_keras.main(argv)
     device = resolve_device(args.device)  # before any TensorFlow op
+    check_precision(args.mixed_precision, device)
     seed_everything(args.seed)  # also keras.utils.set_random_seed: the initial weights
     if args.deterministic:
         make_deterministic()
@@ -48,18 +53,23 @@ def main(argv=None):
     evaluate_split = fast.evaluate if args.fast else evaluate
 
     # Model, loss and optimizer
-    model = build_mlp(dataset.input_shape[-1], args.api)
+    with precision_policy(args.mixed_precision):  # the layers take Keras's dtype policy
+        model = build_mlp(dataset.input_shape[-1], args.api)
     if args.weights:
         tensors, _ = load_weights(args.weights, dataset.task, dataset.input_shape)
         import_weights(model, tensors)
-    loss_fn = make_loss(dataset.task)
-    optimizer = make_optimizer(model, args.lr)
+    loss_fn = make_loss(dataset.task, args.label_smoothing)
+    steps_per_epoch = math.ceil(len(x_train) / args.batch_size)
+    optimizer = make_optimizer(model, learning_rate(args, steps_per_epoch), args.weight_decay,
+                               args.clip_grad_norm, loss_scale=args.mixed_precision == "fp16")
     train_step = make_train_step(model, loss_fn, optimizer)  # a graph (torch's step is eager)
     # No reseed: without dropout nothing in an epoch is random but the batch order.
     run = TrainingRun(args, IMPLEMENTATION, dataset, device,
                       save=lambda path: save_checkpoint(path, model, optimizer),
                       load=lambda path: load_checkpoint(path, model, optimizer),
-                      details={"api": args.api, "loop": args.loop})
+                      details={"api": args.api, "loop": args.loop},
+                      lr=lambda: optimizer.learning_rate)  # a schedule's value at this step
+    apply_plateau(optimizer, args, run.val_losses())  # --resume: the rate of the history
     run.log.info(f"model {model.name} ({args.api} API, {model.count_params()} parameters)")
 
     # Training
@@ -69,6 +79,7 @@ def main(argv=None):
         train = train_epoch(train_step, train_batches, dataset.task)
         val, _ = evaluate_split(model, val_batches, loss_fn, dataset.task)
         run.end_epoch(epoch, train, val)
+        apply_plateau(optimizer, args, run.val_losses())
     run.load_best()
 
     # Test

@@ -17,11 +17,13 @@ import keras
 
 from common.cli import build_parser, parse_args
 from common.datasets import load_dataset
+from common.recipes import check_precision
 from common.runner import TrainingRun, run_main
 from common.seed import seed_everything
 from common.weights import load_weights, model_options
 from tf2_impl import fast
 from tf2_impl.rnn_models import build_rnn, export_weights, import_weights
+from tf2_impl.recipes import fit_callbacks, learning_rate, precision_policy
 from tf2_impl.train import (TrainingRunCallback, add_keras_arguments, evaluate, load_checkpoint,
                             make_batches, make_deterministic, make_fit_batches, make_loss,
                             make_metric, make_optimizer, resolve_device, save_checkpoint)
@@ -39,6 +41,7 @@ def main(argv=None):
         from tf2_impl import run_rnn
         return run_rnn.main(argv)
     device = resolve_device(args.device)  # before any TensorFlow op
+    check_precision(args.mixed_precision, device)
     seed_everything(args.seed)  # also keras.utils.set_random_seed: the initial weights
     if args.deterministic:
         make_deterministic()
@@ -52,20 +55,25 @@ def main(argv=None):
 
     # Model, loss and optimizer: compile names them, fit builds the training step from them.
     num_features = dataset.input_shape[-1]
-    model = build_rnn(num_features, dataset.num_classes, args.cell, args.bidirectional, args.api)
+    with precision_policy(args.mixed_precision):  # the layers take Keras's dtype policy
+        model = build_rnn(num_features, dataset.num_classes, args.cell, args.bidirectional,
+                          args.api)
     if args.weights:
         tensors, _ = load_weights(args.weights, dataset.task, dataset.input_shape,
                                   dataset.num_classes, **model_options(args))
         import_weights(model, tensors)
-    loss_fn = make_loss(dataset.task)
-    optimizer = make_optimizer(model, args.lr)
+    loss_fn = make_loss(dataset.task, args.label_smoothing)
+    steps_per_epoch = math.ceil(len(x_train) / args.batch_size)
+    optimizer = make_optimizer(model, learning_rate(args, steps_per_epoch), args.weight_decay,
+                               args.clip_grad_norm, loss_scale=args.mixed_precision == "fp16")
     # jit_compile spelled out: Keras's "auto" turns XLA on whenever a GPU is visible.
     model.compile(optimizer=optimizer, loss=loss_fn, metrics=[make_metric(dataset.task)],
                   jit_compile=False)
     run = TrainingRun(args, IMPLEMENTATION, dataset, device,
                       save=lambda path: save_checkpoint(path, model, optimizer),
                       load=lambda path: load_checkpoint(path, model, optimizer),
-                      details={**model_options(args), "api": args.api, "loop": args.loop})
+                      details={**model_options(args), "api": args.api, "loop": args.loop},
+                      lr=lambda: optimizer.learning_rate)  # a schedule's value at this step
     run.log.info(f"model {model.name} ({args.api} API, {model.count_params()} parameters)")
 
     # Training: fit runs the epochs still to train over the shared batches (the feed holds
@@ -74,9 +82,10 @@ def main(argv=None):
     # line follows its last line.
     train_batches = fit_batches(x_train, y_train, args.batch_size, args.seed, run.initial_epoch)
     model.fit(train_batches, epochs=run.final_epoch, initial_epoch=run.initial_epoch,
-              steps_per_epoch=math.ceil(len(x_train) / args.batch_size), shuffle=False,
+              steps_per_epoch=steps_per_epoch, shuffle=False,
               validation_data=(x_val, y_val), validation_batch_size=args.batch_size,
-              callbacks=[keras.callbacks.ProgbarLogger(), TrainingRunCallback(run)])
+              callbacks=[keras.callbacks.ProgbarLogger(), TrainingRunCallback(run),
+                         *fit_callbacks(args, run)])
     run.load_best()
 
     # Test

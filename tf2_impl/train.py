@@ -16,6 +16,8 @@ Twins: ``torch_impl/train.py`` (``loss.backward()`` / ``optimizer.step()``) and
 
 Both loops train on the shared batches of ``common.datasets.batch_indices`` and report
 the same numbers: the loss as the mean over the epoch's samples of the training-mode loss.
+The training recipes (schedules, decay, clipping, smoothing, augmentation, mixed
+precision) enter through the arguments below; ``tf2_impl/recipes.py`` holds the rest.
 """
 import math
 
@@ -28,8 +30,10 @@ from common import config
 from common.datasets import batch_indices
 from common.errors import UserError, WeightsError
 from common.outputs import classification_metrics, regression_metrics
+from common.recipes import augment_batch
 from common.seed import set_deterministic_environment
 from tf2_impl.models import APIS
+from tf2_impl.recipes import SmoothedCrossEntropy
 
 
 # -- command line ------------------------------------------------------------------------
@@ -86,13 +90,19 @@ def make_deterministic():
 
 
 # -- data --------------------------------------------------------------------------------
-def make_batches(x, y, batch_size, seed=None, epoch=1):
+def make_batches(x, y, batch_size, seed=None, epoch=1, augment=False, flip=False):
     """One epoch of (x, y) batches as a ``tf.data.Dataset``: the shared shuffled order of
     ``batch_indices(len(x), batch_size, seed, epoch)``, or in order when `seed` is None
-    (validation, test). torch's twin is a ``DataLoader`` with a batch sampler."""
+    (validation, test). torch's twin is a ``DataLoader`` with a batch sampler. With
+    `augment` (training images) each batch is cropped, and mirrored when `flip`, by
+    ``common.recipes.augment_batch`` (torch's twin does it in the ``collate_fn``)."""
     order = np.arange(len(x)) if seed is None else \
         np.concatenate(batch_indices(len(x), batch_size, seed, epoch))
-    return tf.data.Dataset.from_tensor_slices((x[order], y[order])).batch(batch_size)
+    x, y = x[order], y[order]
+    if augment:
+        x = np.concatenate([augment_batch(x[i:i + batch_size], seed, epoch, i // batch_size, flip)
+                            for i in range(0, len(x), batch_size)])
+    return tf.data.Dataset.from_tensor_slices((x, y)).batch(batch_size)
 
 
 class EpochBatches(keras.utils.PyDataset):
@@ -102,12 +112,13 @@ class EpochBatches(keras.utils.PyDataset):
     shared batches. Keras asks for batch i = 0, 1, 2, ... across all epochs of one fit
     call (``fit`` gets ``steps_per_epoch``), so batch i is batch i % per_epoch of epoch
     ``initial_epoch + 1 + i // per_epoch``: a function of i, as Keras requires.
+    `augment`, `flip`: as in ``make_batches``.
     """
 
-    def __init__(self, x, y, batch_size, seed, initial_epoch):
+    def __init__(self, x, y, batch_size, seed, initial_epoch, augment=False, flip=False):
         super().__init__()
         self.x, self.y, self.batch_size, self.seed = x, y, batch_size, seed
-        self.initial_epoch = initial_epoch
+        self.initial_epoch, self.augment, self.flip = initial_epoch, augment, flip
         self.per_epoch = math.ceil(len(x) / batch_size)
         self._epoch, self._batches = None, None  # the last epoch's batches, drawn once
 
@@ -121,17 +132,23 @@ class EpochBatches(keras.utils.PyDataset):
             self._epoch = epoch
             self._batches = batch_indices(len(self.x), self.batch_size, self.seed, epoch)
         index = self._batches[i % self.per_epoch]
-        return self.x[index], self.y[index]
+        x = self.x[index]
+        if self.augment:
+            x = augment_batch(x, self.seed, epoch, i % self.per_epoch, self.flip)
+        return x, self.y[index]
 
 
-def make_fit_batches(x, y, batch_size, seed, initial_epoch):
+def make_fit_batches(x, y, batch_size, seed, initial_epoch, augment=False, flip=False):
     """The ``model.fit`` feed of the shared batches, starting after `initial_epoch`."""
-    return EpochBatches(x, y, batch_size, seed, initial_epoch)
+    return EpochBatches(x, y, batch_size, seed, initial_epoch, augment, flip)
 
 
 # -- loss, metric, optimizer, dropout seeds ------------------------------------------------
-def make_loss(task):
-    """The mean loss of a batch: cross-entropy on logits, or mean squared error."""
+def make_loss(task, label_smoothing=None):
+    """The mean loss of a batch: cross-entropy on logits (smoothed by `label_smoothing`:
+    ``recipes.SmoothedCrossEntropy``), or mean squared error."""
+    if task == "classification" and label_smoothing is not None:
+        return SmoothedCrossEntropy(label_smoothing)
     if task == "classification":
         # Logits and int64 class indices, as torch's nn.CrossEntropyLoss (models.py says
         # why the model has no softmax).
@@ -147,13 +164,24 @@ def make_metric(task):
     return keras.metrics.MeanSquaredError(name="mse")
 
 
-def make_optimizer(model, lr):
-    """Adam with the shared constants (Keras's eps default is 1e-7, torch's 1e-8).
+def make_optimizer(model, lr, weight_decay=None, clip_grad_norm=None, loss_scale=False):
+    """Adam with the shared constants (Keras's eps default is 1e-7, torch's 1e-8); `lr` a
+    rate or a schedule (``recipes.learning_rate``).
 
+    `weight_decay`: ``AdamW``, decoupled (``w -= lr * wd * w`` on every trainable variable,
+    torch's ``AdamW``; Keras's default decay is 0.004, torch's 0.01: always given here).
+    `clip_grad_norm`: ``global_clipnorm``, the norm of all gradients together as torch's
+    ``clip_grad_norm_`` (``clipnorm`` would clip each variable's gradient on its own).
+    `loss_scale` (fp16): a ``LossScaleOptimizer``; ``compile`` would wrap one for ``fit``
+    by itself, but made here it is the optimizer the checkpoint saves, loss scale included.
     Keras creates Adam's moment variables at the first step; building them now lets a
     checkpoint restore into them (torch's optimizer takes the parameters instead)."""
-    optimizer = keras.optimizers.Adam(learning_rate=lr, beta_1=config.ADAM_BETA1,
-                                      beta_2=config.ADAM_BETA2, epsilon=config.ADAM_EPS)
+    options = dict(learning_rate=lr, beta_1=config.ADAM_BETA1, beta_2=config.ADAM_BETA2,
+                   epsilon=config.ADAM_EPS, global_clipnorm=clip_grad_norm)
+    optimizer = keras.optimizers.Adam(**options) if weight_decay is None else \
+        keras.optimizers.AdamW(weight_decay=weight_decay, **options)
+    if loss_scale:
+        optimizer = keras.mixed_precision.LossScaleOptimizer(optimizer)
     optimizer.build(model.trainable_variables)
     return optimizer
 
@@ -182,7 +210,10 @@ def make_train_step(model, loss_fn, optimizer):
         with tf.GradientTape() as tape:
             outputs = model(x, training=True)  # batch statistics, dropout on
             loss = loss_fn(y, outputs)
-        gradients = tape.gradient(loss, model.trainable_variables)
+            # fp16: the loss times the LossScaleOptimizer's scale (Keras 3's custom loops
+            # scale it themselves; apply_gradients unscales); else the loss itself.
+            scaled = optimizer.scale_loss(loss)
+        gradients = tape.gradient(scaled, model.trainable_variables)
         optimizer.apply_gradients(zip(gradients, model.trainable_variables))
         return loss, outputs
 
@@ -227,8 +258,9 @@ def evaluate(model, batches, loss_fn, task, predict=predict):
 # -- model.fit: the epoch hook ----------------------------------------------------------------
 class TrainingRunCallback(keras.callbacks.Callback):
     """Connects ``model.fit`` to ``common.runner.TrainingRun``: the epoch start (dropout
-    seeds, timer) and the epoch end (summary line, best epoch, checkpoint). Keras counts
-    epochs from 0, the shared history from 1."""
+    seeds, timer) and the epoch end (summary line, best epoch, checkpoint, --early-stop).
+    Keras counts epochs from 0, the shared history from 1. (Keras's ``EarlyStopping``
+    would keep the last epoch's weights: ``restore_best_weights=False`` by default.)"""
 
     def __init__(self, run):
         super().__init__()
@@ -242,6 +274,7 @@ class TrainingRunCallback(keras.callbacks.Callback):
         train = {"loss": float(logs["loss"]), metric: float(logs[metric])}
         val = {"loss": float(logs["val_loss"]), metric: float(logs[f"val_{metric}"])}
         self.run.end_epoch(epoch + 1, train, val)
+        self.model.stop_training = self.run.should_stop
 
 
 # -- checkpoints ------------------------------------------------------------------------

@@ -8,17 +8,21 @@ time step (digits: 8 steps of 8 features, bundled, default; synthetic and cifar1
 reads both ways. Keeps the epoch with the best validation loss and evaluates the
 test split with it. ``--fast`` uses ``torch_impl/fast.py``.
 """
+import math
+
 import torch
 
 from common.cli import build_parser, parse_args
 from common.datasets import load_dataset
+from common.recipes import check_precision
 from common.runner import TrainingRun, run_main
 from common.seed import seed_everything
 from common.weights import load_weights, model_options
 from torch_impl import fast
 from torch_impl.rnn_models import build_rnn, export_weights, import_weights
 from torch_impl.train import (evaluate, load_checkpoint, make_batches, make_deterministic,
-                              make_loss, make_optimizer, resolve_device, save_checkpoint,
+                              make_loss, make_optimizer, make_scaler, make_scheduler,
+                              resolve_device, save_checkpoint, step_epoch_scheduler,
                               train_one_epoch)
 
 MODULE = "torch_impl.run_rnn"
@@ -29,6 +33,7 @@ def main(argv=None):
     args = parse_args(build_parser(MODULE, "sequence", "Train the LSTM/GRU classifier with PyTorch."),
                       argv)
     device = resolve_device(args.device)
+    check_precision(args.mixed_precision, device)
     seed_everything(args.seed)
     if args.deterministic:
         make_deterministic()
@@ -50,24 +55,31 @@ def main(argv=None):
         tensors, _ = load_weights(args.weights, dataset.task, dataset.input_shape,
                                   dataset.num_classes, **model_options(args))
         import_weights(model, tensors)
-    loss_fn = make_loss(dataset.task)
-    optimizer = make_optimizer(model, args.lr)
+    loss_fn = make_loss(dataset.task, args.label_smoothing)
+    optimizer = make_optimizer(model, args.lr, args.weight_decay)
+    scheduler = make_scheduler(optimizer, args, math.ceil(len(x_train) / args.batch_size))
+    scaler = make_scaler(args.mixed_precision, device)
     run = TrainingRun(args, IMPLEMENTATION, dataset, str(device),
-                      save=lambda path: save_checkpoint(path, model, optimizer),
-                      load=lambda path: load_checkpoint(path, model, optimizer),
+                      save=lambda path: save_checkpoint(path, model, optimizer, scheduler, scaler),
+                      load=lambda path: load_checkpoint(path, model, optimizer, scheduler, scaler),
+                      lr=lambda: optimizer.param_groups[0]["lr"],
                       details=model_options(args))
 
     # Training
     val_batches = batches(x_val, y_val, args.batch_size)
     for epoch in run.epochs():
         train_batches = batches(x_train, y_train, args.batch_size, args.seed, epoch)
-        train = train_one_epoch(model, train_batches, loss_fn, optimizer, dataset.task)
-        val, _ = evaluate(model, val_batches, loss_fn, dataset.task)
+        train = train_one_epoch(model, train_batches, loss_fn, optimizer, dataset.task,
+                                scheduler=scheduler, clip_grad_norm=args.clip_grad_norm,
+                                precision=args.mixed_precision, scaler=scaler)
+        val, _ = evaluate(model, val_batches, loss_fn, dataset.task, args.mixed_precision)
+        step_epoch_scheduler(scheduler, val["loss"])
         run.end_epoch(epoch, train, val)
     run.load_best()
 
     # Test
-    test, logits = evaluate(model, batches(x_test, y_test, args.batch_size), loss_fn, dataset.task)
+    test, logits = evaluate(model, batches(x_test, y_test, args.batch_size), loss_fn,
+                            dataset.task, args.mixed_precision)
     run.finish(test, logits, export_weights(model))
 
 

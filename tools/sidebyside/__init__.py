@@ -24,6 +24,10 @@ PAGES = {  # page: (what it shows, its three files)
     "models": ("the models and the shared weights format", "models.py", "models.py", "models.py"),
     "train": ("devices, batches, loss, optimizer, loops, checkpoints", "train.py", "train.py", "train.py"),
     "fast": ("the --fast variants", "fast.py", "fast.py", "fast.py"),
+    # torch's recipes fit in train.py (lr_scheduler, AdamW, clip_grad_norm_, autocast are
+    # library calls); the TF twins need helpers of their own.
+    "recipes": ("the training recipes (schedules, decay, clipping, mixed precision)", "train.py",
+                "recipes.py", "recipes.py"),
     "run_nn": ("the MLP entry point (Keras: GradientTape)", "run_nn.py", "run_nn.py", "run_nn.py"),
     "run_nn_keras": ("the MLP entry point (Keras: fit)", "run_nn.py", "run_nn_keras.py", "run_nn.py"),
     "run_cnn": ("the CNN entry point (Keras: GradientTape)", "run_cnn.py", "run_cnn.py", "run_cnn.py"),
