@@ -38,8 +38,9 @@ PAGES = {  # page: (what it shows, its three files)
     "run_rnn_keras": ("the LSTM/GRU entry point (Keras: fit)", "run_rnn.py", "run_rnn_keras.py",
                       "run_rnn.py"),
 }
-# File names in reading order: an index of numbered pages lists them as a file browser does.
-PAGE_FILES = {page: f"{number}-{page}.html" for number, page in enumerate(PAGES, 1)}
+# File names in reading order, numbered with two digits so that a file browser (and a sorted
+# listing) shows them in that order past nine pages.
+PAGE_FILES = {page: f"{number:02d}-{page}.html" for number, page in enumerate(PAGES, 1)}
 PACKAGES = ("torch_impl", "tf2_impl", "tf1_compat")
 SHOWN_TESTS = 6
 CODE_REF = re.compile(r"<code>((?:torch_impl|tf2_impl|tf1_compat)/(\w+)\.py)::(\w+)</code>")
