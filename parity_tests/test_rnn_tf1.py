@@ -38,7 +38,7 @@ RTOL, RTOL64 = 1e-6, 1e-9
 
 
 def _float64_getter(getter, *args, **kwargs):
-    kwargs["dtype"] = tf.float64  # models.dense asks for float32
+    kwargs["dtype"] = tf.float64  # every variable in float64, whatever dtype a layer asks for
     return getter(*args, **kwargs)
 
 
