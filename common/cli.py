@@ -14,6 +14,9 @@ from common.datasets import DATASETS
 from common.errors import UserError
 
 RUN_CONFIG = "run_config.json"
+# Chosen again at every launch (like torchrun's process count): --resume keeps the
+# command line's value, so an interrupted run can go on with another number of replicas.
+RELAUNCH = ("replicas",)
 
 
 def positive_int(text):
@@ -36,10 +39,11 @@ def positive_float(text):
     return value
 
 
-def build_parser(module, kind, description):
+def build_parser(module, kind, description, replicas=False):
     """The shared flags. `module` names the entry point (for --out), `kind` is
-    "image" (CNN), "tabular" (MLP) or "sequence" (the recurrent classifier, which also
-    takes --cell and --bidirectional)."""
+    "image" (CNN, which also takes --sync-bn), "tabular" (MLP) or "sequence" (the
+    recurrent classifier, which also takes --cell and --bidirectional). `replicas`:
+    the TF entry points' --replicas (torch starts its replicas with torchrun)."""
     datasets = DATASETS[kind]
     parser = argparse.ArgumentParser(prog=f"python -m {module}", description=description)
     parser.set_defaults(module=module, kind=kind)
@@ -69,6 +73,14 @@ def build_parser(module, kind, description):
                         help="the measured speed variants of this framework's fast.py (same "
                              "function, proven by the parity tests)")
     recipes.add_recipe_arguments(parser, positive_int, positive_float)
+    if replicas:
+        parser.add_argument("--replicas", type=positive_int, default=1,
+                            help="data-parallel replicas in this process: N GPUs, else N "
+                                 "logical CPUs (--batch-size stays the global batch)")
+    if kind == "image":
+        parser.add_argument("--sync-bn", action="store_true",
+                            help="data-parallel: batch norm uses the moments of all replicas' "
+                                 "rows (default: each replica's own, as DDP and Keras do)")
     if kind == "sequence":
         parser.add_argument("--cell", default="lstm", choices=config.RNN_CELLS,
                             help="the recurrent layer: LSTM or GRU")
@@ -89,8 +101,8 @@ def parse_args(parser, argv=None):
         if stored.get("module") != args.module:
             raise UserError(f"{args.resume} was written by {stored.get('module')}, not "
                             f"{args.module}; resume it with python -m {stored.get('module')}")
-        resume = args.resume
-        args = argparse.Namespace(**{**vars(args), **stored})
+        resume, launch = args.resume, {k: v for k, v in vars(args).items() if k in RELAUNCH}
+        args = argparse.Namespace(**{**vars(args), **stored, **launch})
         args.resume, args.out = resume, resume
     recipes.check_recipe_arguments(args)
     if args.eval_only and not args.weights:

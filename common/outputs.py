@@ -138,9 +138,10 @@ def plot_gflops(path, rows):
 
 
 def setup_logger(out_dir, name):
-    """A logger printing to stdout and appending to `out_dir`/run.log."""
+    """A logger printing to stdout and appending to `out_dir`/run.log; with `out_dir`
+    None (a data-parallel process other than the chief) warnings only, and no file."""
     logger = logging.getLogger(f"dl_rosetta.{name}")
-    logger.setLevel(logging.INFO)
+    logger.setLevel(logging.INFO if out_dir is not None else logging.WARNING)
     logger.propagate = False
     for handler in list(logger.handlers):
         logger.removeHandler(handler)
@@ -148,6 +149,8 @@ def setup_logger(out_dir, name):
     console = logging.StreamHandler(sys.stdout)
     console.setFormatter(logging.Formatter("%(message)s"))
     logger.addHandler(console)
+    if out_dir is None:
+        return logger
     log_file = logging.FileHandler(Path(out_dir) / "run.log", encoding="utf-8")
     log_file.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
     logger.addHandler(log_file)

@@ -24,7 +24,6 @@ the last saved one. Batch order and dropout seeds are functions of (seed, epoch)
 (``common.datasets.batch_indices``, ``common.seed.epoch_seed``), so the resumed
 run computes exactly what the uninterrupted one did.
 """
-import contextlib
 import json
 import math
 import signal
@@ -35,11 +34,13 @@ from pathlib import Path
 import numpy as np
 
 from common import cli, recipes
+from common.distributed import SINGLE
 from common.errors import Interrupted, NonFiniteLossError, UserError
 from common.frameworks import tf32_in_use
 from common.outputs import (atomic_write_text, plot_curves, predictions_csv, setup_logger,
                             write_json)
 from common.seed import epoch_seed
+from common.signals import StopSignal
 from common.weights import model_options, save_weights, weights_metadata
 
 STATE = "state.json"
@@ -70,61 +71,22 @@ def run_main(main, argv=None):
             StopSignal.active.uninstall()
 
 
-class StopSignal:
-    """SIGINT/SIGTERM handlers that raise ``Interrupted``, at once or after a write."""
-
-    active = None  # the instance whose handlers are installed, for run_main
-
-    def __init__(self, describe):
-        self.describe = describe  # signum -> the sentence logged before stopping
-        self.pending = None
-        self._deferring = False
-        self._previous = {}
-
-    def install(self):
-        if StopSignal.active is not None:
-            StopSignal.active.uninstall()
-        self._previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
-        StopSignal.active = self
-
-    def uninstall(self):
-        """Give the signals back to whoever handled them before (pytest, a caller)."""
-        for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
-        self._previous = {}
-        if StopSignal.active is self:
-            StopSignal.active = None
-
-    def _handle(self, signum, frame):
-        if self._deferring:
-            self.pending = signum
-            return
-        raise Interrupted(signum, self.describe(signum))
-
-    @contextlib.contextmanager
-    def deferred(self, then_stop=True):
-        """Hold signals while the block writes files; stop after it when `then_stop`."""
-        self._deferring = True
-        try:
-            yield
-        finally:
-            self._deferring = False
-        if self.pending is not None and then_stop:
-            raise Interrupted(self.pending, self.describe(self.pending))
-
-
 class TrainingRun:
     """One run's output directory, history, checkpoints and resumable state."""
 
     def __init__(self, args, implementation, dataset, device, save, load, reseed=None,
-                 details=None, lr=None):
+                 details=None, lr=None, world=SINGLE):
         self.args, self.implementation, self.dataset, self.device = args, implementation, dataset, device
         self.save, self.load, self.reseed = save, load, reseed
         self.lr = lr  # () -> the optimizer's learning rate now, recorded at each epoch's start
-        self.details = details or {}
+        self.details = {**(details or {}), **world.details()}
+        # Data-parallel: the chief writes everything; the other processes keep the same
+        # history (the same epochs, early stop and plateau) but write nothing.
+        self.world = world
         self.out = Path(args.out)
-        (self.out / CHECKPOINTS).mkdir(parents=True, exist_ok=True)
-        self.log = setup_logger(self.out, args.module)
+        if world.is_chief:
+            (self.out / CHECKPOINTS).mkdir(parents=True, exist_ok=True)
+        self.log = setup_logger(self.out if world.is_chief else None, args.module)
         self.task = dataset.task
         self.metric = "accuracy" if self.task == "classification" else "mse"
         self.history, self.epoch_seconds = [], []
@@ -136,7 +98,7 @@ class TrainingRun:
         self.stop.install()
         if args.resume:
             self._resume()
-        else:
+        elif world.is_chief:
             write_json(self.out / cli.RUN_CONFIG, cli.saved_config(args))
         if dataset.extra.get("note"):
             self.log.info(dataset.extra["note"])
@@ -235,8 +197,9 @@ class TrainingRun:
                       f"{self.metric} {val[self.metric]:.4f} | "
                       + ("" if self._epoch_lr is None else f"lr {self._epoch_lr:.3g} | ")
                       + f"{seconds:.1f}s" + (" | best" if is_best else ""))
-        with self.stop.deferred():
-            self._checkpoint(epoch, is_best)
+        if self.world.is_chief:
+            with self.stop.deferred():
+                self._checkpoint(epoch, is_best)
         if self.should_stop and epoch < self.args.epochs:
             self.log.info(f"early stop after epoch {epoch}: no better validation loss for "
                           f"{epoch - self.best_epoch} epochs (--early-stop "
@@ -260,10 +223,16 @@ class TrainingRun:
                     and path.name.split(".")[0] not in keep:
                 path.unlink()
 
+    def until_stopped(self, batches, any_rank):
+        """The training `batches` of a multi-process run, stopping every process at the
+        same batch after a signal (``StopSignal.until_stopped``)."""
+        return self.stop.until_stopped(batches, any_rank)
+
     def load_best(self):
-        """Load the checkpoint of the epoch with the lowest validation loss, if any."""
+        """Load the checkpoint of the epoch with the lowest validation loss, if any (the
+        chief only: the others end after training)."""
         self.epoch = None
-        if self.best_checkpoint:
+        if self.best_checkpoint and self.world.is_chief:
             self.load(self.out / CHECKPOINTS / self.best_checkpoint)
 
     # -- end of the run ------------------------------------------------------------------
@@ -273,7 +242,10 @@ class TrainingRun:
         return float(len(self.dataset.x_train) / np.median(seconds)) if seconds else None
 
     def finish(self, test, outputs, weights):
-        """Write metrics.json, predictions.csv, curves.png and weights.safetensors."""
+        """Write metrics.json, predictions.csv, curves.png and weights.safetensors (the
+        chief; None elsewhere)."""
+        if not self.world.is_chief:
+            return None
         d = self.dataset
         metrics = {
             "implementation": self.implementation, "entry_point": self.args.module,
