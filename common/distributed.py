@@ -42,6 +42,11 @@ class World:
     devices: tuple = ()
 
     @property
+    def multi_process(self):
+        """True when the replicas are separate processes, which must agree on when to stop."""
+        return self.backend in MULTI_PROCESS
+
+    @property
     def is_chief(self):
         """Rank 0 writes the outputs and the checkpoints; the others only train."""
         return self.rank == 0
@@ -52,6 +57,8 @@ class World:
 
 
 SINGLE = World()
+# Backends whose replicas run in processes of their own (the others: in one process).
+MULTI_PROCESS = ("gloo", "nccl", "multiworker")
 
 
 def shard(index, rank, size):

@@ -94,8 +94,9 @@ def check_precision(precision, device):
 
 def recorded_lr(lr):
     """The rate as metrics.json records it: to float32 precision (7 significant digits),
-    since TensorFlow keeps it in float32 (5e-4 is 0.0005000000237 there)."""
-    return float(f"{float(lr):.7g}")
+    since TensorFlow keeps it in float32 (5e-4 is 0.0005000000237 there). Through numpy:
+    ``float()`` of a Keras variable under a ``tf.distribute`` strategy raises TypeError."""
+    return float(f"{float(np.asarray(lr)):.7g}")
 
 
 def plateau_lr(lr, val_losses, patience, factor, threshold):
@@ -143,16 +144,21 @@ def augment_padding(input_shape):
     return max(1, input_shape[0] // 8)
 
 
-def augment_batch(x, seed, epoch, batch, flip):
+def augment_batch(x, seed, epoch, batch, flip, positions=None, rows=None):
     """(N, H, W, C) float images -> each randomly shifted by up to ``augment_padding``
     pixels (a crop of the zero-padded image, zeros being the normalised mean) and, when
     `flip`, mirrored left-right with probability 1/2. The draws are a function of (seed,
-    epoch, batch index), so every framework sees the same batches."""
+    epoch, batch index), so every framework sees the same batches. A data-parallel
+    replica's share of a batch of `rows` rows, at `positions` in it, gets those rows'
+    draws."""
     n, h, w, _ = x.shape
     pad = augment_padding(x.shape[1:])
     rng = np.random.default_rng([seed, epoch, batch, 0xA06])
-    tops, lefts = rng.integers(0, 2 * pad + 1, size=(2, n))
-    mirror = rng.random(n) < 0.5 if flip else np.zeros(n, bool)
+    everyone = n if rows is None else rows
+    tops, lefts = rng.integers(0, 2 * pad + 1, size=(2, everyone))
+    mirror = rng.random(everyone) < 0.5 if flip else np.zeros(everyone, bool)
+    if positions is not None:
+        tops, lefts, mirror = tops[positions], lefts[positions], mirror[positions]
     padded = np.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
     out = np.empty_like(x)
     for i in range(n):

@@ -94,7 +94,9 @@ class TrainingRun:
         self.best_checkpoint = self.last_checkpoint = None
         self.epoch = None
         self.start_time = time.perf_counter()
-        self.stop = StopSignal(self._stop_message)
+        # Several processes: a signal waits for the end of a training batch, where every
+        # process stops together (one stopping alone would leave the others in an all-reduce).
+        self.stop = StopSignal(self._stop_message, hold=world.multi_process)
         self.stop.install()
         if args.resume:
             self._resume()

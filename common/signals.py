@@ -11,12 +11,15 @@ from common.errors import Interrupted
 
 
 class StopSignal:
-    """SIGINT/SIGTERM handlers that raise ``Interrupted``, at once or after a write."""
+    """SIGINT/SIGTERM handlers that raise ``Interrupted``, at once or after a write; with
+    `hold` (one of several processes training together) only at a batch's end, in
+    ``until_stopped``, where all the processes stop together."""
 
     active = None  # the instance whose handlers are installed, for run_main
 
-    def __init__(self, describe):
+    def __init__(self, describe, hold=False):
         self.describe = describe  # signum -> the sentence logged before stopping
+        self.hold = hold
         self.pending = None
         self._deferring = False
         self._previous = {}
@@ -36,20 +39,21 @@ class StopSignal:
             StopSignal.active = None
 
     def _handle(self, signum, frame):
-        if self._deferring:
+        if self._deferring or self.hold:
             self.pending = signum
             return
         raise Interrupted(signum, self.describe(signum))
 
     @contextlib.contextmanager
     def deferred(self, then_stop=True):
-        """Hold signals while the block writes files; stop after it when `then_stop`."""
+        """Hold signals while the block writes files; stop after it when `then_stop` (and
+        not `hold`: then the next batch's end stops every process)."""
         self._deferring = True
         try:
             yield
         finally:
             self._deferring = False
-        if self.pending is not None and then_stop:
+        if self.pending is not None and then_stop and not self.hold:
             raise Interrupted(self.pending, self.describe(self.pending))
 
     def until_stopped(self, batches, any_rank):

@@ -64,6 +64,16 @@ def pytest_configure(config):
         tf.config.set_visible_devices([], "GPU")
 
 
+def pytest_collection_modifyitems(config, items):
+    """Slow tests skip, with the way to run them, unless a -m expression chose the tests."""
+    if config.option.markexpr:
+        return
+    skip = pytest.mark.skip(reason="slow: run with uv run pytest -m slow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
 def pytest_report_header(config):
     tf_gpus = "no tensorflow" if tf is None else len(tf.config.list_physical_devices("GPU"))
     return (f"--device {config.getoption('device')}: torch sees {torch.cuda.device_count()} "

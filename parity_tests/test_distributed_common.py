@@ -209,3 +209,40 @@ def test_the_launcher_passes_on_the_first_failing_worker_exit_code(tmp_path):
     finally:
         os.environ["PYTHONPATH"] = env_path
     assert code == 4
+
+
+def test_a_process_of_several_holds_signals_until_a_batch_ends():
+    """With several processes (hold), a signal during evaluation or a checkpoint write
+    stops nothing by itself; the next training batch's end stops every process."""
+    assert World(size=2, backend="gloo").multi_process and not World(size=2, backend="towers").multi_process
+    stop = StopSignal(lambda signum: "stopped", hold=True)
+    stop._handle(signal.SIGINT, None)  # e.g. during validation
+    with stop.deferred():  # the chief's checkpoint write goes on, and nothing is raised
+        pass
+    batches = stop.until_stopped(range(3), lambda flag: flag)
+    assert next(batches) == 0
+    with pytest.raises(Interrupted) as stopped:
+        next(batches)
+    assert stopped.value.exit_code == 128 + signal.SIGINT
+
+
+def test_a_replicas_share_of_an_augmented_batch_gets_the_rows_draws_in_the_whole_batch():
+    """``augment_batch(share, ..., positions, rows)`` equals those rows of the whole batch's
+    augmentation; torch's DDP loader (``shard_batches``) gives each rank exactly them."""
+    import torch
+    from torch_impl.distributed import shard_batches
+    from torch_impl.train import make_batches
+    from common.recipes import augment_batch
+    x = np.random.default_rng(0).normal(size=(27, 8, 8, 1)).astype(np.float32)
+    whole = augment_batch(x, 3, 2, 5, True)
+    for rank in range(2):
+        positions = np.arange(rank, 27, 2)
+        share = augment_batch(x[positions], 3, 2, 5, True, positions, 27)
+        np.testing.assert_array_equal(share, whole[positions])
+    images = torch.from_numpy(x.transpose(0, 3, 1, 2).copy())
+    loader = make_batches(images, torch.zeros(27), 10, seed=3, epoch=2, augment=True, flip=True)
+    one_process = [b for b, _ in loader]
+    for rank in range(2):
+        world = World(size=2, rank=rank, backend="gloo")
+        for whole_batch, (part, _) in zip(one_process, shard_batches(loader, world)):
+            torch.testing.assert_close(part, whole_batch[rank::2], rtol=0, atol=0)

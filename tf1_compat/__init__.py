@@ -5,7 +5,8 @@ with the same module and function names: ``models`` (graph-building functions
 ``build_mlp`` and ``build_cnn`` returning a ``GraphModel``, and the shared weights
 conversion), ``train`` (``make_loss``, ``make_optimizer``, ``train_one_epoch``,
 ``evaluate``, ``predict`` over a Session with ``feed_dict``), ``fast`` (the speed
-variants of ``--fast``), ``run_nn`` and ``run_cnn`` (entry points), and
+variants of ``--fast``), ``distributed`` (the in-graph towers of ``--replicas``),
+``run_nn``, ``run_cnn`` and ``run_rnn`` (entry points, with ``rnn_models``), and
 ``session_basics`` (define-and-run next to eager TF2 and PyTorch autograd).
 
 Every graph is built inside its own ``tf.Graph()``, so this package also works in

@@ -1,15 +1,14 @@
 """The two shared models as TF1-style graphs, and their shared-format weights.
 
-Twins: ``torch_impl/models.py`` (``nn.Module`` classes) and ``tf2_impl/models.py``
-(Keras models); the speed variants are in ``tf1_compat/fast.py``. Here a model is
-not an object holding its layers: a function adds placeholders, variables and ops
-to the current default graph and returns the tensors a runner feeds and fetches
-(``GraphModel``), in the style of slim's ``nets/lenet.py``. Nothing is computed
-until a ``tf.compat.v1.Session`` runs it; the loss and the optimizer are added
-afterwards (``train.make_loss``, ``train.make_train_step``).
+Twins: ``torch_impl/models.py`` (``nn.Module`` classes) and ``tf2_impl/models.py`` (Keras
+models); the speed variants are in ``tf1_compat/fast.py``. Here a model is not an object
+holding its layers: a function adds placeholders, variables and ops to the current default
+graph and returns the tensors a runner feeds and fetches (``GraphModel``), in the style of
+slim's ``nets/lenet.py``. Nothing is computed until a ``tf.compat.v1.Session`` runs it; the
+loss and the optimizer are added afterwards (``train.make_loss``, ``train.make_train_step``).
 
-Call the builders inside ``with tf.Graph().as_default():``; they work with and
-without ``tf.compat.v1.disable_v2_behavior()``. ``dtype=tf.bfloat16`` (or float16) builds the
+Call the builders inside ``with tf.Graph().as_default():``; they work with and without
+``tf.compat.v1.disable_v2_behavior()``. ``dtype=tf.bfloat16`` (or float16) builds the
 ``--mixed-precision`` graph: the layers compute in that dtype from float32 variables
 (``recipes.float32_storage``), batch norm and the outputs in float32.
 
@@ -99,33 +98,37 @@ def batch_norm_variables(channels):
 def update_moving_averages(moving_mean, moving_variance, mean, variance):
     """Add the moving-average updates to ``UPDATE_OPS``; only the train step runs them.
 
-    torch: running = (1 - 0.1) * running + 0.1 * batch; the TF1 idiom
-    (``assign_moving_average`` with decay 1 - BN_MOMENTUM = 0.9) is
-    moving -= (1 - decay) * (moving - batch), the same update.
+    torch: running = (1 - 0.1) * running + 0.1 * batch; the TF1 idiom (``assign_moving_average``
+    with decay 1 - BN_MOMENTUM = 0.9) is moving -= (1 - decay) * (moving - batch), the same.
     """
     for moving, batch in ((moving_mean, mean), (moving_variance, variance)):
         update = tf.compat.v1.assign_sub(moving, (moving - batch) * config.BN_MOMENTUM)
         tf.compat.v1.add_to_collection(tf.compat.v1.GraphKeys.UPDATE_OPS, update)
 
 
+def moments(x):
+    """x (N, H, W, C) -> its mean and biased variance over (N, H, W), each (C,), and n = N*H*W."""
+    mean, variance = tf.nn.moments(x, axes=[0, 1, 2])
+    return mean, variance, tf.cast(tf.size(x) // tf.shape(x)[-1], tf.float32)
+
+
 @in_float32
-def batch_norm(x, training, name):
+def batch_norm(x, training, name, moments=moments):
     """x (N, H, W, C) -> (N, H, W, C); batch statistics when `training`, else the moving ones.
 
-    Training normalises with the batch mean and the biased batch variance, as torch
-    does, but the moving variance takes the *unbiased* one, times n/(n-1) with
-    n = N*H*W: what torch folds into running_var (``tf.nn.moments`` gives the biased
-    one, so the factor is applied here). Nothing in the forward pass depends on the
-    moving-average updates, so a Session runs them only because the train step is
-    built under ``tf.control_dependencies(UPDATE_OPS)`` (``train.make_train_step``).
+    Training normalises with the batch mean and the biased batch variance, as torch does,
+    but the moving variance takes the *unbiased* one, times n/(n-1) with n = N*H*W: what
+    torch folds into running_var (`moments` gives the biased one; over all towers' rows with
+    --sync-bn: ``distributed.sync_moments``). Nothing in the forward pass depends on the
+    moving-average updates, so a Session runs them only because the train step is built
+    under ``tf.control_dependencies(UPDATE_OPS)`` (``train.make_train_step``).
     """
     with tf.compat.v1.variable_scope(name):
         gamma, beta, moving_mean, moving_variance = batch_norm_variables(x.shape[-1])
 
         def batch_statistics():
-            mean, variance = tf.nn.moments(x, axes=[0, 1, 2])
+            mean, variance, n = moments(x)
             y = tf.nn.batch_normalization(x, mean, variance, beta, gamma, config.BN_EPS)
-            n = tf.cast(tf.size(x) // tf.shape(x)[-1], tf.float32)
             return y, mean, variance * n / (n - 1)
 
         def moving_statistics():
@@ -149,11 +152,10 @@ def max_pool(x, name):
 def dropout(x, rate, training, name="dropout"):
     """Zero a fraction `rate` of `x` and scale the rest by 1/(1-rate) when `training`.
 
-    TF1 code wrote ``tf.nn.dropout(x, keep_prob=0.5)``: keep_prob = 1 - rate. This is
-    the stateless form of ``tf.nn.dropout(x, rate=rate)``: the mask is a function of
-    (graph seed, global step), not of a random state that lives inside the Session.
-    The global step is a variable the train step increments and the Saver saves, so
-    a Session restored from a checkpoint draws the masks the uninterrupted run drew.
+    TF1 code wrote ``tf.nn.dropout(x, keep_prob=0.5)``: keep_prob = 1 - rate. This is the
+    stateless form of ``tf.nn.dropout(x, rate=rate)``: the mask is a function of (graph seed,
+    global step), not of a random state inside the Session; the Saver saves the step, so a
+    restored Session draws the uninterrupted run's masks (towers: ``distributed.tower``).
     """
     seed = tf.compat.v1.get_default_graph().seed or 0  # tf.compat.v1.set_random_seed
 
@@ -166,11 +168,11 @@ def dropout(x, rate, training, name="dropout"):
         return tf.cond(training, drop, lambda: tf.identity(x))
 
 
-def conv_block(x, filters, training, index):
-    """The textbook block: conv -> batch norm -> ReLU -> 2x2 max pool, (N, H, W, C) ->
-    (N, H/2, W/2, filters); variables conv{index}/..., bn{index}/..."""
+def conv_block(x, filters, training, index, norm=None):
+    """The textbook block: conv -> batch norm (`norm`, else ``batch_norm``) -> ReLU -> 2x2 max
+    pool, (N, H, W, C) -> (N, H/2, W/2, filters); variables conv{index}/..., bn{index}/..."""
     x = conv2d(x, filters, f"conv{index}")
-    x = batch_norm(x, training, f"bn{index}")
+    x = (norm or batch_norm)(x, training, f"bn{index}")
     x = tf.nn.relu(x)
     return max_pool(x, f"pool{index}")
 
@@ -212,11 +214,10 @@ def build_mlp(num_features, dtype=tf.float32):
 def build_cnn(input_shape, num_classes, block=conv_block, dtype=tf.float32):
     """CNN classification graph: inputs (N, H, W, C) NHWC -> logits (N, num_classes).
 
-    Three blocks (`block`: conv 3x3 "SAME" -> batch norm -> ReLU -> 2x2 max pool)
-    ((N, H, W, C) -> (N, H/2, W/2, 32) -> (N, H/4, W/4, 32) -> (N, H/8, W/8, 32)),
-    flatten in (H, W, C) order, fc1 (-> 100), ReLU, dropout(0.5), fc2 (-> 100),
-    ReLU, fc3 (-> num_classes), computed in `dtype`; the logits are float32 (the softmax
-    of the loss needs its range).
+    Three blocks (`block`: conv 3x3 "SAME" -> batch norm -> ReLU -> 2x2 max pool) ((N, H, W,
+    C) -> (N, H/2, W/2, 32) -> (N, H/4, W/4, 32) -> (N, H/8, W/8, 32)), flatten in (H, W, C)
+    order, fc1 (-> 100), ReLU, dropout(0.5), fc2 (-> 100), ReLU, fc3 (-> num_classes),
+    computed in `dtype`; the logits are float32 (the softmax of the loss needs its range).
     """
     shape = config.CNNShape(tuple(input_shape), num_classes)
     existing, training = _start_model()
@@ -240,10 +241,9 @@ def build_cnn(input_shape, num_classes, block=conv_block, dtype=tf.float32):
 
 # -- shared weights ------------------------------------------------------------------------
 def keras_config(name, shape):
-    """What layer ``name`` of this graph computes, in Keras's words (the converters check it
-    against the torch twin): ``conv2d`` is a 'same' Conv2D with stride 1 and no bias,
-    ``batch_norm`` a BatchNormalization with torch's eps and momentum, ``dense`` a Dense;
-    ``shape``: the layer's kernel (or gamma) shape."""
+    """What layer ``name`` computes, in Keras's words (the converters check it against the torch
+    twin): ``conv2d`` a 'same' Conv2D, stride 1, no bias; ``batch_norm`` a BatchNormalization with
+    torch's eps and momentum; ``dense`` a Dense. ``shape``: its kernel's (or gamma's) shape."""
     kind = name.rstrip("0123456789")
     if kind == "bn":
         return {"epsilon": config.BN_EPS, "scale": True, "center": True,
@@ -286,8 +286,8 @@ def export_weights(sess, model):
 def import_weights(sess, model, tensors):
     """Assign shared-format arrays (already validated by common.weights) to the variables.
 
-    Re-running each variable's initializer with its initial value fed is how
-    ``Variable.load`` assigns: no new ops, so it also works on a finalized graph.
+    Re-running each variable's initializer with its initial value fed is how ``Variable.load``
+    assigns: no new ops, so it also works on a finalized graph.
     """
     feed_dict, initializers = {}, []
     for name, variables, shape, chw in _layers(model):

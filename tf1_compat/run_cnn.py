@@ -8,6 +8,8 @@ graph of ``tf1_compat/fast.py`` (fused batch norm, pool before ReLU, control-flo
 
 Define, then run: the whole computation (model, loss, Adam, Saver) is built into
 one ``tf.Graph`` first; the epoch loop only feeds numpy batches to ``sess.run``.
+``--replicas N``: N in-graph towers sharing the variables, one per device
+(``tf1_compat/distributed.py``); tower 0 evaluates.
 """
 import math
 
@@ -20,6 +22,7 @@ from common.runner import TrainingRun, run_main
 from common.seed import seed_everything
 from common.weights import load_weights
 from tf1_compat import fast
+from tf1_compat.distributed import build_sync_cnn, build_towers, tower_world
 from tf1_compat.models import build_cnn, export_weights, import_weights
 from tf1_compat.recipes import COMPUTE_DTYPES, LearningRate
 from tf1_compat.train import (evaluate, load_checkpoint, make_batches, make_deterministic,
@@ -32,7 +35,8 @@ IMPLEMENTATION = "tf1_compat"
 
 
 def main(argv=None):
-    parser = build_parser(MODULE, "image", "Train the CNN classifier with a TF1-style graph.")
+    parser = build_parser(MODULE, "image", "Train the CNN classifier with a TF1-style graph.",
+                          replicas=True)
     args = parse_args(parser, argv)
     device = resolve_device(args.device)
     check_precision(args.mixed_precision, device)
@@ -45,24 +49,27 @@ def main(argv=None):
     # common.datasets gives NHWC images, the layout TF's convolutions take: fed as they are.
     x_train, x_val, x_test = dataset.x_train, dataset.x_val, dataset.x_test
     y_train, y_val, y_test = dataset.y_train, dataset.y_val, dataset.y_test  # int64 indices
+    world = tower_world(args, device, len(x_train))  # --replicas N: N towers, N devices
 
     # Model, loss and optimizer
-    build = fast.build_cnn if args.fast else build_cnn
+    build = (build_sync_cnn if args.sync_bn and world.size > 1  # moments over all towers' rows
+             else fast.build_cnn if args.fast else build_cnn)
     with tf.Graph().as_default() as graph:
         tf.compat.v1.set_random_seed(args.seed)  # graph-level seed: initial weights, dropout
-        model = build(dataset.input_shape, dataset.num_classes,
-                      dtype=COMPUTE_DTYPES[args.mixed_precision])
-        loss = make_loss(dataset.task, model, args.label_smoothing)
+        towers = build_towers(world, lambda: build(dataset.input_shape, dataset.num_classes,
+                                                   dtype=COMPUTE_DTYPES[args.mixed_precision]),
+                              lambda model: make_loss(dataset.task, model, args.label_smoothing))
+        model, loss = towers.models[0], towers.losses[0]  # tower 0 evaluates and exports
         # The rate: a tensor on the global step, or the plateau rule's variable.
         lr = LearningRate(args, math.ceil(len(x_train) / args.batch_size))
         optimizer = make_optimizer(lr.tensor, args.weight_decay, args.mixed_precision)
-        train_step = make_train_step(optimizer, loss, clip_grad_norm=args.clip_grad_norm)
+        train_step = make_train_step(optimizer, towers, clip_grad_norm=args.clip_grad_norm)
         initialize = tf.compat.v1.global_variables_initializer()
         # Every variable: weights, moving averages, Adam's slots, the global step (which
         # the step and cosine schedules read), the plateau rate, the fp16 loss scale.
         saver = tf.compat.v1.train.Saver(max_to_keep=None)
     graph.finalize()  # the loop below must not add ops (a classic TF1 slowdown)
-    with tf.compat.v1.Session(graph=graph, config=session_config(device)) as sess:
+    with tf.compat.v1.Session(graph=graph, config=session_config(device, world.size)) as sess:
         sess.run(initialize)
         if args.weights:
             tensors, _ = load_weights(args.weights, dataset.task, dataset.input_shape,
@@ -73,13 +80,14 @@ def main(argv=None):
         run = TrainingRun(args, IMPLEMENTATION, dataset, device,
                           save=lambda path: save_checkpoint(path, sess, saver),
                           load=lambda path: load_checkpoint(path, sess, saver),
-                          lr=lambda: lr.start_epoch(sess, run.val_losses()))
+                          lr=lambda: lr.start_epoch(sess, run.val_losses()), world=world)
 
         # Training
         for epoch in run.epochs():
             train_batches = make_batches(x_train, y_train, args.batch_size, args.seed, epoch,
                                          args.augment, may_flip(dataset))
-            train = train_one_epoch(sess, model, train_step, loss, train_batches, dataset.task)
+            train = train_one_epoch(sess, towers, train_step, towers.loss, train_batches,
+                                    dataset.task)
             val, _ = evaluate(sess, model, loss, make_batches(x_val, y_val, args.batch_size),
                               dataset.task)
             run.end_epoch(epoch, train, val)

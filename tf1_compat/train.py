@@ -9,7 +9,8 @@ batches fed into placeholders; the ``training`` placeholder does what
 ``model.train()`` / ``model.eval()`` do in torch; batch norm's moving averages move
 only because the train step depends on the ``UPDATE_OPS`` collection. The speed
 variants of ``--fast`` are in ``tf1_compat/fast.py``, the training recipes' schedules, AdamW
-and mixed precision in ``tf1_compat/recipes.py``.
+and mixed precision in ``tf1_compat/recipes.py``. ``feed``, ``make_train_step`` and
+``train_one_epoch`` also take the towers of --replicas N (``tf1_compat/distributed.py``).
 """
 import numpy as np
 import tensorflow as tf
@@ -17,10 +18,12 @@ from tqdm import tqdm
 
 from common import config
 from common.datasets import batch_indices
+from common.distributed import shard
 from common.errors import UserError, WeightsError
 from common.outputs import classification_metrics, regression_metrics
 from common.recipes import augment_batch
 from common.seed import set_deterministic_environment
+from tf1_compat.distributed import Towers, tower_gradients
 from tf1_compat.recipes import AdamWOptimizer, clip_gradients, scale_loss
 
 
@@ -39,12 +42,15 @@ def resolve_device(name):
     return name
 
 
-def session_config(device):
+def session_config(device, replicas=1):
     """The Session's ConfigProto: TF places ops on a visible GPU by itself, so "cpu"
-    hides the GPUs from this Session rather than pinning ops with tf.device."""
+    hides the GPUs from this Session rather than pinning ops with tf.device. `replicas`
+    CPU towers (--replicas N on the CPU) need N CPU devices, /cpu:0 ... /cpu:N-1."""
     session = tf.compat.v1.ConfigProto(allow_soft_placement=True)
     if device == "cpu":
         session.device_count["GPU"] = 0
+        if replicas > 1:
+            session.device_count["CPU"] = replicas
     else:
         session.gpu_options.allow_growth = True  # TF1 grabs all GPU memory otherwise
     return session
@@ -102,7 +108,13 @@ def check_batch(placeholder, batch):
 
 
 def feed(model, inputs, targets=None, training=False):
-    """The feed_dict of one batch (shapes checked against the placeholders)."""
+    """The feed_dict of one batch (shapes checked against the placeholders). `model` may be
+    the ``distributed.Towers`` of --replicas N: tower r gets rows r::N (``shard``)."""
+    if isinstance(model, Towers):
+        size = len(model.models)
+        return {placeholder: value for rank, tower in enumerate(model.models)
+                for placeholder, value in feed(tower, shard(inputs, rank, size),
+                                               shard(targets, rank, size), training).items()}
     check_batch(model.inputs, inputs)
     feed_dict = {model.inputs: inputs}
     if targets is not None:
@@ -161,10 +173,17 @@ def make_train_step(optimizer, loss, with_update_ops=True, clip_grad_norm=None):
     TF1 bug is a model whose inference uses the initial 0/1 statistics. The control
     dependency makes every step run them first; `with_update_ops=False` builds the
     bug (the tests show the averages then never move).
+
+    `loss` may be the ``distributed.Towers`` of --replicas N: the towers' gradients summed
+    (``tower_gradients``), and tower 0's moving averages only (``Towers.scope``).
     """
-    update_ops = tf.compat.v1.get_collection(tf.compat.v1.GraphKeys.UPDATE_OPS)
+    towers = loss if isinstance(loss, Towers) else None
+    update_ops = tf.compat.v1.get_collection(tf.compat.v1.GraphKeys.UPDATE_OPS,
+                                             towers.scope if towers else None)
     with tf.control_dependencies(update_ops if with_update_ops else []):
-        grads_and_vars = clip_gradients(optimizer.compute_gradients(loss), clip_grad_norm)
+        gradients = (tower_gradients(optimizer, towers) if towers
+                     else optimizer.compute_gradients(loss))
+        grads_and_vars = clip_gradients(gradients, clip_grad_norm)
         return optimizer.apply_gradients(
             grads_and_vars, global_step=tf.compat.v1.train.get_or_create_global_step(),
             name="train_step")

@@ -43,11 +43,13 @@ class FusedBatchNormalization(layers.BatchNormalization):
     The moving averages follow Keras's convention, not torch's: the kernel hands back the
     unbiased batch variance (times n/(n-1), n = N*H*W), so it is scaled back to the biased
     one that ``layers.BatchNormalization`` averages in.
+    Synchronised (``--sync-bn``): Keras's path, which all-reduces the moments over the
+    replicas; the kernel would normalise with this replica's rows only.
     """
 
     def call(self, inputs, training=None, mask=None):
         nhwc = len(inputs.shape) == 4 and self.axis in (-1, 3)
-        if not (training and self.trainable and nhwc and mask is None):
+        if self.synchronized or not (training and self.trainable and nhwc and mask is None):
             return super().call(inputs, training=training, mask=mask)
         y, mean, unbiased = tf.compat.v1.nn.fused_batch_norm(
             inputs, self.gamma, self.beta, epsilon=self.epsilon, is_training=True)
@@ -60,13 +62,13 @@ class FusedBatchNormalization(layers.BatchNormalization):
         return y
 
 
-def build_cnn(input_shape, num_classes, api="subclassing"):
+def build_cnn(input_shape, num_classes, api="subclassing", sync_bn=False):
     """``models.build_cnn`` with ``FusedBatchNormalization`` for each batch norm.
 
     The plain model is built, then each ``BatchNormalization`` layer becomes the fused
     subclass in place (it adds no state: same variables, same config), so all three
     APIs get it without a second copy of their code."""
-    model = models.build_cnn(input_shape, num_classes, api)
+    model = models.build_cnn(input_shape, num_classes, api, sync_bn)
     for layer in model.layers:
         if type(layer) is layers.BatchNormalization:
             layer.__class__ = FusedBatchNormalization

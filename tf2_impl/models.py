@@ -49,6 +49,15 @@ KERAS_BN_MOMENTUM = bn_momentum_torch_to_keras(config.BN_MOMENTUM)
 # A conv has no bias (use_bias=False) when batch norm follows it: batch norm subtracts the
 # batch mean, which removes any per-channel constant, and its beta takes the bias's place.
 # padding="same" (stride 1, odd kernel) pads (k-1)/2 on every side: torch's padding=k//2.
+# `sync_bn` (--sync-bn, data-parallel): synchronized=True all-reduces each batch's moments
+# over the replicas, so N replicas normalise as one process does; without it (Keras's and
+# DDP's default) each replica uses its own rows. Both fold the biased batch variance into
+# the moving variance, Keras's convention (torch folds the unbiased one: test_pitfalls.py).
+
+
+def _bn_options(sync_bn):
+    """The batch-norm arguments shared by every BN layer of the CNN."""
+    return dict(epsilon=config.BN_EPS, momentum=KERAS_BN_MOMENTUM, synchronized=sync_bn)
 
 
 def output_dtype():
@@ -110,18 +119,18 @@ class CNNClassifier(keras.Model):
     """Three blocks of conv 3x3 'same' -> batch norm -> ReLU -> 2x2 max pool, then
     fc1 100 -> ReLU -> dropout -> fc2 100 -> ReLU -> fc3 classes. Outputs logits."""
 
-    def __init__(self, input_shape, num_classes, **kwargs):
+    def __init__(self, input_shape, num_classes, sync_bn=False, **kwargs):
         super().__init__(name="cnn_classifier", **kwargs)
         # `input_shape` is the dataset's (H, W, C); keras.Model reserves that attribute name.
         self.image_shape = tuple(input_shape)
         filters1, filters2, filters3 = config.CNN_FILTERS
-        kernel, eps = config.CNN_KERNEL, config.BN_EPS
+        kernel, bn = config.CNN_KERNEL, _bn_options(sync_bn)
         self.conv1 = layers.Conv2D(filters1, kernel, padding="same", use_bias=False, name="conv1")
-        self.bn1 = layers.BatchNormalization(epsilon=eps, momentum=KERAS_BN_MOMENTUM, name="bn1")
+        self.bn1 = layers.BatchNormalization(**bn, name="bn1")
         self.conv2 = layers.Conv2D(filters2, kernel, padding="same", use_bias=False, name="conv2")
-        self.bn2 = layers.BatchNormalization(epsilon=eps, momentum=KERAS_BN_MOMENTUM, name="bn2")
+        self.bn2 = layers.BatchNormalization(**bn, name="bn2")
         self.conv3 = layers.Conv2D(filters3, kernel, padding="same", use_bias=False, name="conv3")
-        self.bn3 = layers.BatchNormalization(epsilon=eps, momentum=KERAS_BN_MOMENTUM, name="bn3")
+        self.bn3 = layers.BatchNormalization(**bn, name="bn3")
         self.pool = layers.MaxPooling2D(config.CNN_POOL, name="pool")
         self.flatten = layers.Flatten(name="flatten")
         fc1, fc2 = config.CNN_FC
@@ -142,22 +151,22 @@ class CNNClassifier(keras.Model):
         return self.fc3(x)  # logits: the loss applies log-softmax itself
 
 
-def _cnn_sequential(input_shape, num_classes):
+def _cnn_sequential(input_shape, num_classes, sync_bn):
     filters1, filters2, filters3 = config.CNN_FILTERS
     fc1, fc2 = config.CNN_FC
-    kernel, pool, eps = config.CNN_KERNEL, config.CNN_POOL, config.BN_EPS
+    kernel, pool, bn = config.CNN_KERNEL, config.CNN_POOL, _bn_options(sync_bn)
     # Sequential does not take one layer object twice, so each block has its own ReLU and
     # pooling layer (neither holds weights). fit and evaluate pass `training` to every layer.
     return keras.Sequential([
         keras.Input(shape=tuple(input_shape)),
         layers.Conv2D(filters1, kernel, padding="same", use_bias=False, name="conv1"),
-        layers.BatchNormalization(epsilon=eps, momentum=KERAS_BN_MOMENTUM, name="bn1"),
+        layers.BatchNormalization(**bn, name="bn1"),
         layers.ReLU(name="relu1"), layers.MaxPooling2D(pool, name="pool1"),
         layers.Conv2D(filters2, kernel, padding="same", use_bias=False, name="conv2"),
-        layers.BatchNormalization(epsilon=eps, momentum=KERAS_BN_MOMENTUM, name="bn2"),
+        layers.BatchNormalization(**bn, name="bn2"),
         layers.ReLU(name="relu2"), layers.MaxPooling2D(pool, name="pool2"),
         layers.Conv2D(filters3, kernel, padding="same", use_bias=False, name="conv3"),
-        layers.BatchNormalization(epsilon=eps, momentum=KERAS_BN_MOMENTUM, name="bn3"),
+        layers.BatchNormalization(**bn, name="bn3"),
         layers.ReLU(name="relu3"), layers.MaxPooling2D(pool, name="pool3"),
         layers.Flatten(name="flatten"),
         layers.Dense(fc1, activation="relu", name="fc1"),
@@ -167,21 +176,21 @@ def _cnn_sequential(input_shape, num_classes):
     ], name="cnn_sequential")
 
 
-def _cnn_functional(input_shape, num_classes):
+def _cnn_functional(input_shape, num_classes, sync_bn):
     filters1, filters2, filters3 = config.CNN_FILTERS
     fc1, fc2 = config.CNN_FC
-    kernel, pool, eps = config.CNN_KERNEL, config.CNN_POOL, config.BN_EPS
+    kernel, pool, bn = config.CNN_KERNEL, config.CNN_POOL, _bn_options(sync_bn)
     inputs = keras.Input(shape=tuple(input_shape), name="images")
     x = layers.Conv2D(filters1, kernel, padding="same", use_bias=False, name="conv1")(inputs)
-    x = layers.BatchNormalization(epsilon=eps, momentum=KERAS_BN_MOMENTUM, name="bn1")(x)
+    x = layers.BatchNormalization(**bn, name="bn1")(x)
     x = layers.ReLU(name="relu1")(x)
     x = layers.MaxPooling2D(pool, name="pool1")(x)
     x = layers.Conv2D(filters2, kernel, padding="same", use_bias=False, name="conv2")(x)
-    x = layers.BatchNormalization(epsilon=eps, momentum=KERAS_BN_MOMENTUM, name="bn2")(x)
+    x = layers.BatchNormalization(**bn, name="bn2")(x)
     x = layers.ReLU(name="relu2")(x)
     x = layers.MaxPooling2D(pool, name="pool2")(x)
     x = layers.Conv2D(filters3, kernel, padding="same", use_bias=False, name="conv3")(x)
-    x = layers.BatchNormalization(epsilon=eps, momentum=KERAS_BN_MOMENTUM, name="bn3")(x)
+    x = layers.BatchNormalization(**bn, name="bn3")(x)
     x = layers.ReLU(name="relu3")(x)
     x = layers.MaxPooling2D(pool, name="pool3")(x)
     x = layers.Flatten(name="flatten")(x)
@@ -192,11 +201,12 @@ def _cnn_functional(input_shape, num_classes):
     return keras.Model(inputs, outputs, name="cnn_functional")
 
 
-def build_cnn(input_shape, num_classes, api="subclassing"):
-    """The CNN classifier in one of ``APIS`` for (H, W, C) images, built (its weights exist)."""
+def build_cnn(input_shape, num_classes, api="subclassing", sync_bn=False):
+    """The CNN classifier in one of ``APIS`` for (H, W, C) images, built (its weights exist);
+    `sync_bn`: batch norm synchronised over the replicas."""
     builders = {"sequential": _cnn_sequential, "functional": _cnn_functional,
                 "subclassing": CNNClassifier}
-    return builders[api](input_shape, num_classes)
+    return builders[api](input_shape, num_classes, sync_bn)
 
 
 # -- the shared weights format ---------------------------------------------------------------

@@ -7,35 +7,40 @@ Keras API closest to a torch ``nn.Module``); ``--api`` picks another of ``models
 ``--loop fit`` runs ``run_nn_keras`` instead. Datasets: friedman (generated, default),
 diabetes (bundled), california (``--download``). Keeps the epoch with the best
 validation loss and evaluates the test split with it. ``--fast`` uses the feed, epoch
-and evaluation of ``tf2_impl/fast.py`` (the MLP has no batch norm to fuse).
+and evaluation of ``tf2_impl/fast.py`` (the MLP has no batch norm to fuse). ``--replicas N``
+trains data-parallel (``tf2_impl/distributed.py``), as do the workers of ``common.launch``.
 """
 import math
 
 from common.cli import build_parser, parse_args
 from common.datasets import load_dataset
+from common.distributed import check_split
 from common.recipes import check_precision
 from common.runner import TrainingRun, run_main
 from common.seed import seed_everything
 from common.weights import load_weights
 from tf2_impl import fast
+from tf2_impl.distributed import make_strategy, make_train_step, until_stopped
 from tf2_impl.models import build_mlp, export_weights, import_weights
 from tf2_impl.recipes import apply_plateau, learning_rate, precision_policy
 from tf2_impl.train import (add_keras_arguments, evaluate, load_checkpoint, make_batches,
-                            make_deterministic, make_loss, make_optimizer, make_train_step,
-                            resolve_device, save_checkpoint, train_one_epoch)
+                            make_deterministic, make_loss, make_optimizer, resolve_device,
+                            save_checkpoint, train_one_epoch)
 
 MODULE = "tf2_impl.run_nn"
 IMPLEMENTATION = "tf2"
 
 
 def main(argv=None):
-    parser = build_parser(MODULE, "tabular", "Train the MLP regressor with a TF2 GradientTape loop.")
+    parser = build_parser(MODULE, "tabular", "Train the MLP regressor with a TF2 GradientTape loop.",
+                          replicas=True)
     add_keras_arguments(parser, api="subclassing", loop="tape", other="run_nn_keras")
     args = parse_args(parser, argv)
     if args.loop == "fit":
         from tf2_impl import run_nn_keras
         return run_nn_keras.main(argv)
     device = resolve_device(args.device)  # before any TensorFlow op
+    strategy, world = make_strategy(args, device)  # the replicas' devices: before any op too
     check_precision(args.mixed_precision, device)
     seed_everything(args.seed)  # also keras.utils.set_random_seed: the initial weights
     if args.deterministic:
@@ -47,28 +52,32 @@ def main(argv=None):
     # Targets (N,) -> (N, 1), the shape of the model's output (see train.make_loss).
     y_train, y_val, y_test = (y.reshape(-1, 1)
                               for y in (dataset.y_train, dataset.y_val, dataset.y_test))
+    check_split(len(x_train), args.batch_size, world.size)  # every replica gets rows
     # --fast: tf2_impl/fast.py's versions of the feed, epoch and evaluation (same results).
     batches = fast.make_batches if args.fast else make_batches
     train_epoch = fast.train_one_epoch if args.fast else train_one_epoch
     evaluate_split = fast.evaluate if args.fast else evaluate
 
-    # Model, loss and optimizer
-    with precision_policy(args.mixed_precision):  # the layers take Keras's dtype policy
-        model = build_mlp(dataset.input_shape[-1], args.api)
-    if args.weights:
-        tensors, _ = load_weights(args.weights, dataset.task, dataset.input_shape)
-        import_weights(model, tensors)
+    # Model, loss and optimizer: variables made in the scope have a copy on every replica.
+    with strategy.scope():
+        with precision_policy(args.mixed_precision):  # the layers take Keras's dtype policy
+            model = build_mlp(dataset.input_shape[-1], args.api)
+        if args.weights:
+            tensors, _ = load_weights(args.weights, dataset.task, dataset.input_shape)
+            import_weights(model, tensors)
+        steps_per_epoch = math.ceil(len(x_train) / args.batch_size)
+        optimizer = make_optimizer(model, learning_rate(args, steps_per_epoch), args.weight_decay,
+                                   args.clip_grad_norm, loss_scale=args.mixed_precision == "fp16")
     loss_fn = make_loss(dataset.task, args.label_smoothing)
-    steps_per_epoch = math.ceil(len(x_train) / args.batch_size)
-    optimizer = make_optimizer(model, learning_rate(args, steps_per_epoch), args.weight_decay,
-                               args.clip_grad_norm, loss_scale=args.mixed_precision == "fp16")
-    train_step = make_train_step(model, loss_fn, optimizer)  # a graph (torch's step is eager)
+    # A graph (torch's step is eager); on N replicas, strategy.run on each one's rows.
+    train_step = make_train_step(strategy, model, loss_fn, optimizer)
     # No reseed: without dropout nothing in an epoch is random but the batch order.
     run = TrainingRun(args, IMPLEMENTATION, dataset, device,
                       save=lambda path: save_checkpoint(path, model, optimizer),
                       load=lambda path: load_checkpoint(path, model, optimizer),
                       details={"api": args.api, "loop": args.loop},
-                      lr=lambda: optimizer.learning_rate)  # a schedule's value at this step
+                      lr=lambda: optimizer.learning_rate,  # a schedule's value at this step
+                      world=world)  # only the chief writes
     apply_plateau(optimizer, args, run.val_losses())  # --resume: the rate of the history
     run.log.info(f"model {model.name} ({args.api} API, {model.count_params()} parameters)")
 
@@ -76,6 +85,7 @@ def main(argv=None):
     val_batches = batches(x_val, y_val, args.batch_size)
     for epoch in run.epochs():
         train_batches = batches(x_train, y_train, args.batch_size, args.seed, epoch)
+        train_batches = until_stopped(run, strategy, world, train_batches)  # multi-worker
         train = train_epoch(train_step, train_batches, dataset.task)
         val, _ = evaluate_split(model, val_batches, loss_fn, dataset.task)
         run.end_epoch(epoch, train, val)

@@ -10,6 +10,7 @@ model is built with the Functional API (``keras.Input`` and layers called on ten
 Where torch writes the epoch loop out, Keras runs it inside ``fit``: the per-epoch
 bookkeeping enters as a callback (``train.TrainingRunCallback``). ``--fast`` uses
 ``tf2_impl/fast.py``'s feed (1.0-1.3x per digits epoch on 2 shared CPU cores).
+``--replicas N`` trains data-parallel (``tf2_impl/distributed.py``).
 """
 import math
 
@@ -17,11 +18,13 @@ import keras
 
 from common.cli import build_parser, parse_args
 from common.datasets import load_dataset
+from common.distributed import check_split
 from common.recipes import check_precision
 from common.runner import TrainingRun, run_main
 from common.seed import seed_everything
 from common.weights import load_weights, model_options
 from tf2_impl import fast
+from tf2_impl.distributed import fit_feed, fit_loss, make_strategy
 from tf2_impl.rnn_models import build_rnn, export_weights, import_weights
 from tf2_impl.recipes import fit_callbacks, learning_rate, precision_policy
 from tf2_impl.train import (TrainingRunCallback, add_keras_arguments, evaluate, load_checkpoint,
@@ -34,13 +37,15 @@ IMPLEMENTATION = "tf2"
 
 def main(argv=None):
     parser = build_parser(MODULE, "sequence",
-                          "Train the LSTM/GRU classifier with Keras (model.fit).")
+                          "Train the LSTM/GRU classifier with Keras (model.fit).",
+                          replicas=True)
     add_keras_arguments(parser, api="functional", loop="fit", other="run_rnn")
     args = parse_args(parser, argv)
     if args.loop == "tape":
         from tf2_impl import run_rnn
         return run_rnn.main(argv)
     device = resolve_device(args.device)  # before any TensorFlow op
+    strategy, world = make_strategy(args, device)  # the replicas' devices: before any op too
     check_precision(args.mixed_precision, device)
     seed_everything(args.seed)  # also keras.utils.set_random_seed: the initial weights
     if args.deterministic:
@@ -51,29 +56,34 @@ def main(argv=None):
     dataset = load_dataset(args.dataset, "sequence", args.data_dir, args.seed, args.download)
     x_train, x_val, x_test = dataset.x_train, dataset.x_val, dataset.x_test
     y_train, y_val, y_test = dataset.y_train, dataset.y_val, dataset.y_test  # int64 classes
+    check_split(len(x_train), args.batch_size, world.size)  # every replica gets rows
     fit_batches = fast.make_fit_batches if args.fast else make_fit_batches
 
     # Model, loss and optimizer: compile names them, fit builds the training step from them.
+    # Variables made in the scope have a copy on every replica; fit runs the step on each.
     num_features = dataset.input_shape[-1]
-    with precision_policy(args.mixed_precision):  # the layers take Keras's dtype policy
-        model = build_rnn(num_features, dataset.num_classes, args.cell, args.bidirectional,
-                          args.api)
-    if args.weights:
-        tensors, _ = load_weights(args.weights, dataset.task, dataset.input_shape,
-                                  dataset.num_classes, **model_options(args))
-        import_weights(model, tensors)
-    loss_fn = make_loss(dataset.task, args.label_smoothing)
-    steps_per_epoch = math.ceil(len(x_train) / args.batch_size)
-    optimizer = make_optimizer(model, learning_rate(args, steps_per_epoch), args.weight_decay,
-                               args.clip_grad_norm, loss_scale=args.mixed_precision == "fp16")
-    # jit_compile spelled out: Keras's "auto" turns XLA on whenever a GPU is visible.
-    model.compile(optimizer=optimizer, loss=loss_fn, metrics=[make_metric(dataset.task)],
-                  jit_compile=False)
+    with strategy.scope():
+        with precision_policy(args.mixed_precision):  # the layers take Keras's dtype policy
+            model = build_rnn(num_features, dataset.num_classes, args.cell, args.bidirectional,
+                              args.api)
+        if args.weights:
+            tensors, _ = load_weights(args.weights, dataset.task, dataset.input_shape,
+                                      dataset.num_classes, **model_options(args))
+            import_weights(model, tensors)
+        loss_fn = make_loss(dataset.task, args.label_smoothing)
+        steps_per_epoch = math.ceil(len(x_train) / args.batch_size)
+        optimizer = make_optimizer(model, learning_rate(args, steps_per_epoch), args.weight_decay,
+                                   args.clip_grad_norm, loss_scale=args.mixed_precision == "fp16")
+        # jit_compile spelled out: Keras's "auto" turns XLA on whenever a GPU is visible.
+        # fit_loss: on N replicas, the loss over the step's global row count (a workaround).
+        model.compile(optimizer=optimizer, loss=fit_loss(loss_fn, strategy),
+                      metrics=[make_metric(dataset.task)], jit_compile=False)
     run = TrainingRun(args, IMPLEMENTATION, dataset, device,
                       save=lambda path: save_checkpoint(path, model, optimizer),
                       load=lambda path: load_checkpoint(path, model, optimizer),
                       details={**model_options(args), "api": args.api, "loop": args.loop},
-                      lr=lambda: optimizer.learning_rate)  # a schedule's value at this step
+                      lr=lambda: optimizer.learning_rate,  # a schedule's value at this step
+                      world=world)  # only the chief writes
     run.log.info(f"model {model.name} ({args.api} API, {model.count_params()} parameters)")
 
     # Training: fit runs the epochs still to train over the shared batches (the feed holds
@@ -81,6 +91,7 @@ def main(argv=None):
     # where run_rnn's loop does. Keras's progress bar comes first, so the run's summary
     # line follows its last line.
     train_batches = fit_batches(x_train, y_train, args.batch_size, args.seed, run.initial_epoch)
+    train_batches = fit_feed(model, strategy, train_batches)  # N replicas: rows r::N each
     model.fit(train_batches, epochs=run.final_epoch, initial_epoch=run.initial_epoch,
               steps_per_epoch=steps_per_epoch, shuffle=False,
               validation_data=(x_val, y_val), validation_batch_size=args.batch_size,

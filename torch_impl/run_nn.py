@@ -9,18 +9,20 @@ Keeps the epoch with the best validation loss and evaluates the test split with 
 import math
 
 import torch
+from torch.nn.parallel import DistributedDataParallel
 
 from common.cli import build_parser, parse_args
 from common.datasets import load_dataset
+from common.distributed import check_split
 from common.recipes import check_precision
 from common.runner import TrainingRun, run_main
 from common.seed import seed_everything
 from common.weights import load_weights
-from torch_impl import fast
+from torch_impl import distributed, fast
 from torch_impl.models import build_mlp, export_weights, import_weights
 from torch_impl.train import (evaluate, load_checkpoint, make_batches, make_deterministic,
                               make_loss, make_optimizer, make_scaler, make_scheduler,
-                              resolve_device, save_checkpoint, step_epoch_scheduler,
+                              save_checkpoint, step_epoch_scheduler,
                               train_one_epoch)
 
 MODULE = "torch_impl.run_nn"
@@ -29,55 +31,68 @@ IMPLEMENTATION = "torch"
 
 def main(argv=None):
     args = parse_args(build_parser(MODULE, "tabular", "Train the MLP regressor with PyTorch."), argv)
-    device = resolve_device(args.device)
-    check_precision(args.mixed_precision, device)
-    seed_everything(args.seed)
-    if args.deterministic:
-        make_deterministic()
+    # torchrun starts one process per replica (WORLD_SIZE > 1): each joins the process group
+    # here and leaves it when the block ends; plain `python -m` runs alone (world SINGLE).
+    with distributed.process_group(args) as (world, device):
+        check_precision(args.mixed_precision, device)
+        seed_everything(args.seed)
+        if args.deterministic:
+            make_deterministic()
 
-    # Data
-    dataset = load_dataset(args.dataset, "tabular", args.data_dir, args.seed, args.download)
-    # The DataLoader moves each batch to the device; --fast moves each split there once.
-    home = device if args.fast else torch.device("cpu")
-    x_train, x_val, x_test = (torch.from_numpy(x).to(home)
-                              for x in (dataset.x_train, dataset.x_val, dataset.x_test))
-    # Targets (N,) -> (N, 1), the shape of the model's output: nn.MSELoss would broadcast
-    # (N,) against (N, 1) to (N, N), with only a warning.
-    y_train, y_val, y_test = (torch.from_numpy(y.reshape(-1, 1)).to(home)
-                              for y in (dataset.y_train, dataset.y_val, dataset.y_test))
-    batches = fast.make_batches if args.fast else make_batches
+        # Data
+        dataset = load_dataset(args.dataset, "tabular", args.data_dir, args.seed, args.download)
+        check_split(len(dataset.x_train), args.batch_size, world.size)
+        # The DataLoader moves each batch to the device; --fast moves each split there once.
+        home = device if args.fast else torch.device("cpu")
+        x_train, x_val, x_test = (torch.from_numpy(x).to(home)
+                                  for x in (dataset.x_train, dataset.x_val, dataset.x_test))
+        # Targets (N,) -> (N, 1), the shape of the model's output: nn.MSELoss would broadcast
+        # (N,) against (N, 1) to (N, N), with only a warning.
+        y_train, y_val, y_test = (torch.from_numpy(y.reshape(-1, 1)).to(home)
+                                  for y in (dataset.y_train, dataset.y_val, dataset.y_test))
+        batches = fast.make_batches if args.fast else make_batches
 
-    # Model, loss and optimizer
-    model = build_mlp(dataset.input_shape[-1]).to(device)
-    if args.weights:
-        tensors, _ = load_weights(args.weights, dataset.task, dataset.input_shape)
-        import_weights(model, tensors)
-    loss_fn = make_loss(dataset.task, args.label_smoothing)
-    optimizer = make_optimizer(model, args.lr, args.weight_decay)
-    scheduler = make_scheduler(optimizer, args, math.ceil(len(x_train) / args.batch_size))
-    scaler = make_scaler(args.mixed_precision, device)
-    # No reseed: without dropout nothing in an epoch is random but the batch order.
-    run = TrainingRun(args, IMPLEMENTATION, dataset, str(device),
-                      save=lambda path: save_checkpoint(path, model, optimizer, scheduler, scaler),
-                      load=lambda path: load_checkpoint(path, model, optimizer, scheduler, scaler),
-                      lr=lambda: optimizer.param_groups[0]["lr"])
+        # Model, loss and optimizer
+        model = build_mlp(dataset.input_shape[-1]).to(device)
+        if args.weights:
+            tensors, _ = load_weights(args.weights, dataset.task, dataset.input_shape)
+            import_weights(model, tensors)
+        loss_fn = make_loss(dataset.task, args.label_smoothing)
+        optimizer = make_optimizer(model, args.lr, args.weight_decay)
+        scheduler = make_scheduler(optimizer, args, math.ceil(len(x_train) / args.batch_size))
+        scaler = make_scaler(args.mixed_precision, device)
+        # No reseed: without dropout nothing in an epoch is random but the batch order.
+        run = TrainingRun(
+            args, IMPLEMENTATION, dataset, str(device), world=world,
+            save=lambda path: save_checkpoint(path, model, optimizer, scheduler, scaler),
+            load=lambda path: load_checkpoint(path, model, optimizer, scheduler, scaler),
+            lr=lambda: optimizer.param_groups[0]["lr"])
+        # DDP broadcasts rank 0's weights now and averages the gradients in every backward().
+        # Wrapped after TrainingRun has resumed, and only for training: checkpoints and
+        # evaluation use `model` itself (no "module." prefix), so a run resumes with any N.
+        ddp_model = DistributedDataParallel(model) if world.size > 1 else model
 
-    # Training
-    val_batches = batches(x_val, y_val, args.batch_size)
-    for epoch in run.epochs():
-        train_batches = batches(x_train, y_train, args.batch_size, args.seed, epoch)
-        train = train_one_epoch(model, train_batches, loss_fn, optimizer, dataset.task,
-                                scheduler=scheduler, clip_grad_norm=args.clip_grad_norm,
-                                precision=args.mixed_precision, scaler=scaler)
-        val, _ = evaluate(model, val_batches, loss_fn, dataset.task, args.mixed_precision)
-        step_epoch_scheduler(scheduler, val["loss"])
-        run.end_epoch(epoch, train, val)
-    run.load_best()
+        # Training
+        val_batches = batches(x_val, y_val, args.batch_size)
+        for epoch in run.epochs():
+            train_batches = batches(x_train, y_train, args.batch_size, args.seed, epoch)
+            if world.size > 1:  # this rank's rows of each batch; a signal stops all at one batch
+                train_batches = run.until_stopped(distributed.shard_batches(train_batches, world),
+                                                  distributed.any_rank)
+            train = train_one_epoch(ddp_model, train_batches, loss_fn, optimizer, dataset.task,
+                                    scheduler=scheduler, clip_grad_norm=args.clip_grad_norm,
+                                    precision=args.mixed_precision, scaler=scaler, world=world)
+            val, _ = evaluate(model, val_batches, loss_fn, dataset.task, args.mixed_precision)
+            if world.size > 1:  # rank 0's numbers: early stop and plateau decide alike
+                val = distributed.from_rank0(val)
+            step_epoch_scheduler(scheduler, val["loss"])
+            run.end_epoch(epoch, train, val)
+        run.load_best()
 
-    # Test
-    test, predictions = evaluate(model, batches(x_test, y_test, args.batch_size), loss_fn,
-                                 dataset.task, args.mixed_precision)
-    run.finish(test, predictions, export_weights(model))
+        # Test
+        test, predictions = evaluate(model, batches(x_test, y_test, args.batch_size), loss_fn,
+                                     dataset.task, args.mixed_precision)
+        run.finish(test, predictions, export_weights(model))
 
 
 if __name__ == "__main__":

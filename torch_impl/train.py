@@ -19,6 +19,7 @@ import pickle
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.optim.lr_scheduler import CosineAnnealingLR, ReduceLROnPlateau, StepLR
 from torch.utils.data import DataLoader, TensorDataset, default_collate
@@ -26,6 +27,7 @@ from tqdm import tqdm
 
 from common import config
 from common.datasets import batch_indices
+from common.distributed import SINGLE
 from common.layout import nchw_to_nhwc, nhwc_to_nchw
 from common.recipes import augment_batch
 from common.errors import UserError, WeightsError
@@ -67,23 +69,28 @@ def make_batches(x, y, batch_size, seed=None, epoch=1, augment=False, flip=False
     if not augment:
         return DataLoader(dataset, batch_sampler=sampler)
     # The draws are a function of the batch's number, which a collate_fn is not told:
-    # each row carries its batch's number (torchvision puts MixUp and CutMix here too).
-    number = torch.empty(len(dataset), dtype=torch.int64)
+    # each row carries its batch's number (torchvision puts MixUp and CutMix here too),
+    # its place in the batch and the batch's size (a DDP rank collates a share of it).
+    place = torch.empty(len(dataset), 3, dtype=torch.int64)
     for b, index in enumerate(order):
-        number[index] = b
+        place[index] = torch.stack([torch.full((len(index),), b), torch.arange(len(index)),
+                                    torch.full((len(index),), len(index))], dim=1)
 
     def collate(rows):
-        images, labels, numbers = default_collate(rows)
-        return augment_images(images, seed, epoch, int(numbers[0]), flip), labels
+        images, labels, places = default_collate(rows)
+        batch, positions, size = int(places[0, 0]), places[:, 1].numpy(), int(places[0, 2])
+        return augment_images(images, seed, epoch, batch, flip, positions, size), labels
 
-    return DataLoader(TensorDataset(*dataset.tensors, number), batch_sampler=sampler,
+    return DataLoader(TensorDataset(*dataset.tensors, place), batch_sampler=sampler,
                       collate_fn=collate)
 
 
-def augment_images(images, seed, epoch, batch, flip):
+def augment_images(images, seed, epoch, batch, flip, positions=None, rows=None):
     """An (N, C, H, W) batch through ``common.recipes.augment_batch``, which takes the
-    TF twins' NHWC layout, back on the batch's device."""
-    nhwc = augment_batch(nchw_to_nhwc(images.cpu().numpy()), seed, epoch, batch, flip)
+    TF twins' NHWC layout, back on the batch's device (`positions`, `rows`: a share of a
+    batch, as there)."""
+    nhwc = augment_batch(nchw_to_nhwc(images.cpu().numpy()), seed, epoch, batch, flip,
+                         positions, rows)
     return torch.from_numpy(nhwc_to_nchw(nhwc)).to(images.device)
 
 
@@ -151,7 +158,7 @@ def autocast(device, precision):
 
 
 def train_one_epoch(model, batches, loss_fn, optimizer, task, *, scheduler=None,
-                    clip_grad_norm=None, precision="off", scaler=None):
+                    clip_grad_norm=None, precision="off", scaler=None, world=SINGLE):
     """One pass over `batches`; returns {"loss", "accuracy" | "mse"}, means over the rows.
 
     Loss and correct counts add up on the device and are read once at the end:
@@ -159,7 +166,8 @@ def train_one_epoch(model, batches, loss_fn, optimizer, task, *, scheduler=None,
     ``CosineAnnealingLR`` `scheduler` is stepped after every optimizer step (the
     others at the epoch's end: ``step_epoch_scheduler``); `clip_grad_norm` clips the
     global gradient norm; `precision` runs the forward pass under autocast, and
-    `scaler` (fp16) scales the loss.
+    `scaler` (fp16) scales the loss. In a data-parallel `world` (`model` in DDP,
+    `batches` this rank's rows) the means are over all ranks' rows.
     """
     device = next(model.parameters()).device
     # A disabled GradScaler passes everything through: one code path with and without fp16.
@@ -175,7 +183,7 @@ def train_one_epoch(model, batches, loss_fn, optimizer, task, *, scheduler=None,
             # The loss on float32 logits, as the TF twins' float32 output layers give.
             outputs = model(inputs).float()
             loss = loss_fn(outputs, targets)
-        scaler.scale(loss).backward()
+        scaler.scale(replica_loss(loss, len(targets), world)).backward()
         if clip_grad_norm is not None:
             scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
             nn.utils.clip_grad_norm_(model.parameters(), clip_grad_norm)
@@ -187,10 +195,30 @@ def train_one_epoch(model, batches, loss_fn, optimizer, task, *, scheduler=None,
         if task == "classification":
             correct += (outputs.argmax(dim=1) == targets).sum()
         rows += len(targets)
+    if world.size > 1:  # every rank's sums: the loss and accuracy of one process's epoch
+        totals = torch.stack([total_loss.double(), correct.double(),
+                              torch.tensor(rows, dtype=torch.float64, device=device)])
+        dist.all_reduce(totals)
+        total_loss, correct, rows = totals[0], totals[1], totals[2].item()
     loss = total_loss.item() / rows
     if task == "classification":
         return {"loss": loss, "accuracy": correct.item() / rows}
     return {"loss": loss, "mse": loss}
+
+
+def replica_loss(loss, rows, world):
+    """The loss whose gradient DDP averages: this rank's sum * world size / the global row
+    count of the step (one process: the mean `loss` itself).
+
+    DDP averages the ranks' gradients. Averaging each rank's mean would weight a 13-row
+    shard like a 14-row one (27 rows over 2 ranks): not the batch's mean. The global count
+    is all-reduced, one scalar next to DDP's gradient buckets, so any loader works.
+    """
+    if world.size == 1:
+        return loss
+    global_rows = torch.tensor(rows, dtype=loss.dtype, device=loss.device)
+    dist.all_reduce(global_rows)
+    return loss * rows * world.size / global_rows
 
 
 @torch.inference_mode()

@@ -37,6 +37,8 @@ PAGES = {  # page: (what it shows, its three files)
     "run_rnn": ("the LSTM/GRU entry point (Keras: GradientTape)", "run_rnn.py", "run_rnn.py", "run_rnn.py"),
     "run_rnn_keras": ("the LSTM/GRU entry point (Keras: fit)", "run_rnn.py", "run_rnn_keras.py",
                       "run_rnn.py"),
+    "distributed": ("data-parallel training: DDP, tf.distribute strategies, in-graph towers",
+                    "distributed.py", "distributed.py", "distributed.py"),
 }
 # File names in reading order, numbered with two digits so that a file browser (and a sorted
 # listing) shows them in that order past nine pages.
