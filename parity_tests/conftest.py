@@ -14,6 +14,7 @@
   reason when that framework sees no GPU. With cpu, TensorFlow's GPUs are hidden, so
   every in-process TensorFlow run of the session is on the CPU.
 """
+import contextlib
 import importlib
 import json
 import os
@@ -100,8 +101,8 @@ def tf_device(request):
     return name
 
 
-@pytest.fixture(autouse=True)
-def restore_process_state():
+@contextlib.contextmanager
+def process_state():
     """main() installs signal handlers, and --deterministic sets framework flags and
     environment variables: give the rest of the pytest process its own back (TensorFlow's
     op determinism, left on, makes every later unseeded random op raise)."""
@@ -118,6 +119,22 @@ def restore_process_state():
         torch.use_deterministic_algorithms(deterministic)  # imports torch._inductor: only if needed
     os.environ.clear()
     os.environ.update(environ)
+
+
+@pytest.fixture(autouse=True)
+def restore_process_state():
+    """The process state around each test (``process_state``)."""
+    with process_state():
+        yield
+
+
+@pytest.fixture(scope="module", autouse=True)
+def restore_module_process_state():
+    """The same around each module: a module-scoped fixture that runs a main() does so
+    before the per-test guard starts, and would otherwise leave its flags to later
+    modules in the same worker."""
+    with process_state():
+        yield
 
 
 def call(main, argv):
