@@ -17,6 +17,7 @@ RUN_CONFIG = "run_config.json"
 # Chosen again at every launch (like torchrun's process count): --resume keeps the
 # command line's value, so an interrupted run can go on with another number of replicas.
 RELAUNCH = ("replicas",)
+MAX_LR = 1e37
 
 
 def positive_int(text):
@@ -39,6 +40,16 @@ def positive_float(text):
     return value
 
 
+def learning_rate(text):
+    """A positive float at most 1e37: Adam's first step is lr / (1 - beta1) = 10 lr, and
+    torch refuses a step size beyond float32's range (3.4e38) with a traceback."""
+    value = positive_float(text)
+    if value > MAX_LR:
+        raise argparse.ArgumentTypeError(
+            f"must be at most {MAX_LR:g} (float32 overflows in the optimizer step), got {text}")
+    return value
+
+
 def build_parser(module, kind, description, replicas=False):
     """The shared flags. `module` names the entry point (for --out), `kind` is
     "image" (CNN, which also takes --sync-bn), "tabular" (MLP) or "sequence" (the
@@ -54,7 +65,7 @@ def build_parser(module, kind, description, replicas=False):
     parser.add_argument("--epochs", type=positive_int, default=config.EPOCHS)
     parser.add_argument("--batch-size", type=positive_int, default=config.BATCH_SIZE)
     lr = config.RNN_LEARNING_RATE if kind == "sequence" else config.LEARNING_RATE
-    parser.add_argument("--lr", type=positive_float, default=lr,
+    parser.add_argument("--lr", type=learning_rate, default=lr,
                         help="Adam learning rate")
     parser.add_argument("--seed", type=int, default=config.SEED)
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),

@@ -222,6 +222,7 @@ def _parser():
     (["--batch-size", "0"], "must be at least 1"),
     (["--lr", "-1"], "must be a positive finite number"),
     (["--lr", "0"], "must be a positive finite number"),
+    (["--lr", "1e38"], "must be at most 1e+37 (float32 overflows"),
     (["--dataset", "nosuch"], "invalid choice: 'nosuch' (choose from"),
     (["--device", "tpu"], "invalid choice"),
 ])
